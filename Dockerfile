@@ -1,12 +1,32 @@
-# Worker image: the project with its dependencies, run by the Prefect worker in docker-compose.yml.
+# The mmcache image: the project and its dependencies. docker-compose.yml runs it as the
+# Prefect process worker, the one-shot `setup` and `deploy` services, and the Dask scheduler
+# and worker (one image, so the flow code and library versions match everywhere).
+# The default PyTorch wheel bundles the CUDA runtime; GPUs come from the NVIDIA container
+# toolkit (`deploy.resources.reservations.devices` in docker-compose.yml).
 FROM python:3.12-slim
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    TOKENIZERS_PARALLELISM=false \
+    HF_HOME=/models
+
 WORKDIR /app
+
+# dependencies first, so that code edits do not reinstall PyTorch
 COPY pyproject.toml README.md ./
+RUN mkdir -p pipeline stores models flows \
+    && touch pipeline/__init__.py stores/__init__.py models/__init__.py flows/__init__.py \
+    && pip install -e .
+
 COPY pipeline pipeline
 COPY stores stores
 COPY models models
 COPY flows flows
-RUN pip install -e .
+COPY prefect.yaml ./
 COPY data data
-CMD ["prefect", "worker", "start", "--pool", "gpu-pool", "--type", "process"]
+
+# `prefect deploy` runs in /app, so deployments pull (set their working directory) to /app;
+# relative paths in deployment parameters (outputs/demo/...) land on the `stores` volume.
+RUN mkdir -p /app/outputs /models
+CMD ["prefect", "worker", "start", "--pool", "mmcache", "--type", "process"]

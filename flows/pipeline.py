@@ -4,10 +4,15 @@
 
     python flows/pipeline.py --source data/movielens-5core --out outputs/demo
 
+or through its deployment (``prefect.yaml``)::
+
+    prefect deployment run 'mm-pipeline/weekly' -p max_epochs=50 --watch
+
 It needs no Prefect server: without ``PREFECT_API_URL`` Prefect starts a temporary local
-API for the run. The two caches are independent tasks of the DAG; the ID-only SASRec and the
-popularity baseline need no cache and start at once; the multimodal IISAN model waits for
-both stores. Results: ``<out>/metrics.csv``, ``<out>/report.md``, a Prefect table artifact.
+API for the run. The ID-only SASRec and the popularity baseline need no cache and start at
+once on threads; the two caches run one after the other (one encoder job per GPU), each as
+an ``encode-shards`` subflow; the multimodal IISAN model waits for both stores. Results:
+``<out>/metrics.csv``, ``<out>/report.md``, Prefect table and markdown artifacts.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import Field
 
 from flows.cache_hidden_states import run_cache
+from flows.params import (EncoderName, Epochs, Exclude, PipelineParams, ShardSize,
+                          add_model_arguments, model_from_args)
 from flows.train import evaluate_task, popularity_task, train_task
-from pipeline.cache import CacheConfig, store_path
+from pipeline.cache import CacheConfig
 from pipeline.encoders import preset
 from pipeline.evaluate import EvalConfig
 from pipeline.ingest import IngestConfig, prepare_movielens
@@ -39,7 +48,7 @@ from pipeline.report import table, write_metrics
 from pipeline.train import TrainConfig
 
 
-@task(task_run_name="prepare-data")
+@task(cache_policy=NO_CACHE, task_run_name="prepare-data")
 def prepare_task(source_dir: str, tables_dir: str, k_core: int) -> dict[str, Any]:
     """Ingest MovieLens into the generic two-table format; returns the manifest counts."""
     m = prepare_movielens(IngestConfig(source_dir=Path(source_dir), out_dir=Path(tables_dir),
@@ -47,13 +56,7 @@ def prepare_task(source_dir: str, tables_dir: str, k_core: int) -> dict[str, Any
     return {"tables_dir": tables_dir, "counts": m["counts"], "skipped": m["skipped"]}
 
 
-@task(task_run_name="cache-{modality}")
-def cache_task(modality: str, cfg: CacheConfig) -> dict[str, Any]:
-    """Stage 1 for one modality (plan + encode pending shards), as one DAG node."""
-    return run_cache(cfg)
-
-
-@task(task_run_name="report")
+@task(cache_policy=NO_CACHE, task_run_name="report")
 def report_task(results: list[dict[str, Any]], out_dir: str, caches: list[dict[str, Any]],
                 data: dict[str, Any]) -> str:
     """Write metrics.csv and report.md, publish artifacts, return the test table."""
@@ -80,36 +83,51 @@ def report_task(results: list[dict[str, Any]], out_dir: str, caches: list[dict[s
 
 @flow(name="mm-pipeline", log_prints=True)
 def pipeline(source_dir: str = "data/movielens-5core", out_dir: str = "outputs/demo",
-             text_encoder: str = "minilm", image_encoder: str = "vit-b-32-random",
-             k_core: int = 5, max_epochs: int = 100, patience: int = 10,
-             exclude: str = "all", seed: int = 42, items_per_shard: int = 256) -> dict[str, Any]:
-    """Run both stages end to end; returns the paths of report.md and metrics.csv."""
+             text_encoder: EncoderName = "minilm", image_encoder: EncoderName = "vit-b-32-random",
+             k_core: Annotated[int, Field(ge=1, le=1000)] = 5, max_epochs: Epochs = 100,
+             patience: Epochs = 10, exclude: Exclude = "all", seed: int = 42,
+             items_per_shard: ShardSize = 256,
+             runner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run both stages end to end (parameters: :class:`flows.params.PipelineParams`).
+
+    Stage 1 runs the two caches one after the other (one encoder per GPU at a time), each
+    as its own ``encode-shards`` subflow on the configured runner, while the baselines that
+    need no cache (popularity, ID-only SASRec) train at once on threads.
+
+    Returns:
+        {"report": path of report.md, "metrics": path of metrics.csv,
+         "stage1": [{"store", "skipped"}] (text, image), "seconds": wall time}.
+    """
+    p = PipelineParams(source_dir=source_dir, out_dir=out_dir, text_encoder=text_encoder,
+                       image_encoder=image_encoder, k_core=k_core, max_epochs=max_epochs,
+                       patience=patience, exclude=exclude, seed=seed,
+                       items_per_shard=items_per_shard, runner=runner)
     logger = get_run_logger()
     t0 = time.perf_counter()
-    out = Path(out_dir)
+    out = Path(p.out_dir)
     tables_dir, store_dir, ckpt_dir = out / "tables", out / "stores", out / "checkpoints"
-    data = prepare_task(source_dir, str(tables_dir), k_core)
-    ecfg = EvalConfig(exclude=exclude)
+    data = prepare_task(p.source_dir, str(tables_dir), p.k_core)
+    ecfg = EvalConfig(exclude=p.exclude)
+    base = dict(tables_dir=tables_dir, out_dir=ckpt_dir, max_epochs=p.max_epochs,
+                patience=p.patience, seed=p.seed, eval=ecfg)
+    # the baselines need no cache: they start at once, on threads
+    pop = popularity_task.submit(str(tables_dir), ecfg)
+    id_run = train_task.submit(TrainConfig(name="sasrec-id", item_encoder="id", **base))
     caches = {}
-    for modality, name in (("text", text_encoder), ("image", image_encoder)):
+    for modality, name in (("text", p.text_encoder), ("image", p.image_encoder)):
         cfg = CacheConfig(tables_dir=tables_dir, store_dir=store_dir, encoder=preset(name),
-                          items_per_shard=items_per_shard)
-        caches[modality] = (cfg, cache_task.submit(modality, cfg, wait_for=[data]))
-    base = dict(tables_dir=tables_dir, out_dir=ckpt_dir, max_epochs=max_epochs,
-                patience=patience, seed=seed, eval=ecfg)
-    pop = popularity_task.submit(str(tables_dir), ecfg, wait_for=[data])
-    id_run = train_task.submit(TrainConfig(name="sasrec-id", item_encoder="id", **base),
-                               wait_for=[data])
+                          items_per_shard=p.items_per_shard)
+        caches[modality] = run_cache(cfg, runner=p.runner)
     mm_cfg = TrainConfig(name="iisan-sasrec", item_encoder="iisan",
-                         text_store=store_path(caches["text"][0]),
-                         image_store=store_path(caches["image"][0]), **base)
-    mm_run = train_task.submit(mm_cfg, wait_for=[c for _, c in caches.values()])
+                         text_store=caches["text"]["store"],
+                         image_store=caches["image"]["store"], **base)
+    mm_run = train_task.submit(mm_cfg)
     results = [pop.result()]
     for run in (id_run, mm_run):
         r = run.result()
         results.append(evaluate_task(r["name"], r["checkpoint_dir"], ecfg))
-    cache_results = [c.result() for _, c in caches.values()]
-    md = report_task(results, str(out), cache_results, data.result())
+    cache_results = list(caches.values())
+    md = report_task(results, str(out), cache_results, data)
     logger.info("pipeline finished in %.1f s", time.perf_counter() - t0)
     print(md)
     return {"report": str(out / "report.md"), "metrics": str(out / "metrics.csv"),
@@ -118,16 +136,12 @@ def pipeline(source_dir: str = "data/movielens-5core", out_dir: str = "outputs/d
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default="data/movielens-5core")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--max-epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--exclude", choices=["none", "window", "all"], default="all")
-    p.add_argument("--seed", type=int, default=42)
-    a = p.parse_args(argv)
-    res = pipeline(a.source, a.out, max_epochs=a.max_epochs, patience=a.patience,
-                   exclude=a.exclude, seed=a.seed)
+    """Command line: ``python flows/pipeline.py --help``."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(ap, PipelineParams, aliases={"source_dir": ["--source"],
+                                                     "out_dir": ["--out"]})
+    params = model_from_args(PipelineParams, ap.parse_args(argv))
+    res = pipeline(**params.model_dump())
     print(json.dumps(res, indent=2))
 
 

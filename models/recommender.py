@@ -1,10 +1,13 @@
-"""Item tables and the next-item recommender (item table + SASRec) with full-softmax CE.
+"""Item tables and the next-item recommender (item table + sequence model) with its losses.
 
 Papers: SASRec (Kang & McAuley, ICDM 2018) scoring ``y_ui = <h_u, e_i>`` against the item
 embedding table; IISAN (Fu et al., SIGIR 2024; seed ``003_*``) with the item table produced
-by the IISAN item encoder over cached hidden states. Loss: full-softmax cross-entropy over
-all N items at every non-padding position (RecBole "CE", fMRLRec); IISAN's in-batch
-debiased CE (eq. 6-7) lives with the other losses, not here.
+by the IISAN item encoder over cached hidden states. Default loss: full-softmax
+cross-entropy over all N items at every non-padding position (RecBole "CE", fMRLRec); with a
+Matryoshka sequence model it is averaged over the sizes (fMRLRec eq. 14). IISAN's in-batch
+debiased CE (eq. 6-7) and BPR are selectable (:mod:`models.losses`). The sequence model is
+any of :class:`SASRec`, :class:`models.sasrec.MatryoshkaSASRec`, :class:`models.lru.LRURec`,
+:class:`models.gru4rec.GRU4Rec` (``forward(x, pad_mask) -> (B, L, D)``, ``hidden``, ``sizes``).
 
 Conventions: item ids are 1..N; id 0 is padding. Tables are (N + 1, D) with row 0 the
 padding item (zero). Sequences are LEFT-padded: (B, L) long, 0 = padding, last column =
@@ -26,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import ConfigError
 
+from .losses import bpr_loss, debiased_in_batch_ce, matryoshka_ce, sample_negatives
+from .matryoshka import size_index
 from .san import IISANItemEncoder
 from .sasrec import SASRec
 
@@ -54,14 +59,18 @@ class IDItemTable(nn.Module):
 
 
 class ContentItemTable(nn.Module):
-    """Item table computed by an IISAN encoder from cached hidden states.
+    """Item table computed by a content encoder from cached hidden states.
+
+    The encoder is any module ``encoder(text_h, image_h) -> (n, cfg.out_dim)``: IISAN
+    (:mod:`models.san`), the Fusion-Q-Former (:mod:`models.qformer`) or the concat-and-project
+    / frozen-feature linear encoder (:mod:`models.item_encoders`).
 
     The hidden states are non-persistent buffers (data, not weights: they follow ``.to()``
     but are not saved in ``state_dict``) and keep their dtype (e.g. float16); the encoder
     casts each chunk on entry.
 
     Args:
-        encoder: the :class:`IISANItemEncoder` to train.
+        encoder: the item encoder to train (e.g. :class:`IISANItemEncoder`).
         text_h: (N, Lt, Dt) cached text hidden states of items 1..N (row i-1 = item i), or None.
         image_h: (N, Li, Di) cached image hidden states, or None.
         chunk_size: if set, encode items in chunks of this many; with gradients enabled each
@@ -102,21 +111,26 @@ class ContentItemTable(nn.Module):
 
 
 class SequentialRecommender(nn.Module):
-    """Next-item recommender: item table -> SASRec -> dot-product scores over all items.
+    """Next-item recommender: item table -> sequence model -> dot-product scores over all items.
 
     Args:
         item_table: module whose ``forward()`` returns the (N + 1, D) table with row 0 the
             padding item; exposes ``num_items`` and ``dim`` (as the tables above do).
-        seq_model: :class:`SASRec` with ``cfg.hidden == item_table.dim``.
+        seq_model: a sequence model with ``hidden == item_table.dim`` (SASRec, Matryoshka
+            SASRec, LRURec, GRU4Rec). Its ``sizes`` (default ``(hidden,)``) are the widths
+            that are models of their own: the size-s score is ``<h[:s], e[:s]>``.
     Raises: ConfigError if the widths differ.
     """
 
-    def __init__(self, item_table: nn.Module, seq_model: SASRec) -> None:
+    def __init__(self, item_table: nn.Module, seq_model: nn.Module) -> None:
         super().__init__()
-        if getattr(item_table, "dim", seq_model.cfg.hidden) != seq_model.cfg.hidden:
-            raise ConfigError(f"item table width {item_table.dim} != SASRec hidden "
-                              f"{seq_model.cfg.hidden}")
+        hidden = getattr(seq_model, "hidden", None) or seq_model.cfg.hidden
+        if getattr(item_table, "dim", hidden) != hidden:
+            raise ConfigError(f"item table width {item_table.dim} != sequence model hidden "
+                              f"{hidden}")
         self.item_table, self.seq_model = item_table, seq_model
+        self.hidden = hidden
+        self.sizes: tuple[int, ...] = tuple(getattr(seq_model, "sizes", (hidden,)))
 
     def _encode(self, seqs: Tensor, table: Tensor) -> Tensor:
         if seqs.dim() != 2:
@@ -127,16 +141,24 @@ class SequentialRecommender(nn.Module):
         """seqs: (B, L) long, left-padded with 0 -> hidden states (B, L, D)."""
         return self._encode(seqs, self.item_table())
 
-    def loss(self, seqs: Tensor, targets: Tensor) -> Tensor:
-        """Mean full-softmax cross-entropy over the N real items.
+    def loss(self, seqs: Tensor, targets: Tensor, kind: str = "ce", *,
+             table: Tensor | None = None, log_pop: Tensor | None = None,
+             num_negatives: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """Training loss at every position with a target, averaged over the sizes.
 
         Args:
             seqs: (B, L) long input ids; targets: (B, L) long next-item ids, 0 = ignore.
+            kind: "ce" (full softmax over the N items; fMRLRec eq. 14 over the sizes),
+                "debiased_ce" (IISAN eq. 6-7; needs ``log_pop``; candidates are the items of
+                the batch windows ``[seqs, targets[:, -1:]]``) or "bpr" (``num_negatives``
+                uniform negatives per target).
+            table: the (N + 1, D) item table if the caller has computed it (else computed
+                here, once per call).
         Returns:
-            scalar: mean over positions with ``targets != 0`` of
-            ``-log softmax_j(<h_t, e_j>)[target]`` with j over items 1..N. The item table is
-            computed once per call.
-        Raises: ConfigError for mismatched shapes or no non-padding target.
+            scalar; for "ce" with one size: mean over positions with ``targets != 0`` of
+            ``-log softmax_j(<h_t, e_j>)[target]``, j over items 1..N.
+        Raises: ConfigError for mismatched shapes, no non-padding target, unknown kind or a
+            missing ``log_pop``.
         """
         if seqs.shape != targets.shape:
             raise ConfigError(f"seqs {tuple(seqs.shape)} and targets {tuple(targets.shape)} "
@@ -144,22 +166,72 @@ class SequentialRecommender(nn.Module):
         valid = targets != 0  # (B, L)
         if not bool(valid.any()):
             raise ConfigError("loss needs at least one non-padding target (all targets are 0)")
-        table = self.item_table()  # (N + 1, D)
-        h = self._encode(seqs, table)[valid]  # (M, D) at the M valid positions
-        logits = h @ table[1:].T  # (M, N)
-        return F.cross_entropy(logits.float(), targets[valid] - 1)
+        if kind not in ("ce", "debiased_ce", "bpr"):
+            raise ConfigError(f"unknown loss kind {kind!r}; expected ce, debiased_ce or bpr")
+        if table is None:
+            table = self.item_table()  # (N + 1, D)
+        h_all = self._encode(seqs, table)  # (B, L, D)
+        if kind == "ce":
+            return matryoshka_ce(h_all[valid], table, targets[valid], self.sizes)
+        if kind == "debiased_ce":
+            if log_pop is None:
+                raise ConfigError("loss kind 'debiased_ce' needs log_pop (log item popularity)")
+            window = torch.cat([seqs, targets[:, -1:]], dim=1)  # (B, L + 1)
+            return torch.stack([debiased_in_batch_ce(h_all[..., :s], targets, window,
+                                                     table[:, :s], log_pop)
+                                for s in self.sizes]).mean()
+        h, pos = h_all[valid], targets[valid]  # (M, D), (M,)
+        neg = sample_negatives(pos, table.shape[0] - 1, num_negatives, generator)  # (M, J)
+        terms = []
+        for s in self.sizes:
+            hs = h[:, :s]
+            terms.append(bpr_loss((hs * table[pos, :s]).sum(-1),
+                                  torch.einsum("md,mjd->mj", hs, table[neg, :s])))
+        return torch.stack(terms).mean()
 
-    def score_last(self, seqs: Tensor) -> Tensor:
-        """Scores for the item following the last position.
+    def score_last_sizes(self, seqs: Tensor) -> list[Tensor]:
+        """Scores for the next item at every size (one sequence-model pass).
 
         Args: seqs: (B, L) long, left-padded; the last column must be a real item.
-        Returns: (B, N + 1) logits ``<h_{L-1}, e_j>``; column 0 (padding) is -inf.
-        Raises: ConfigError if some row's last position is padding (right-padded input).
+        Returns: one (B, N + 1) tensor per size in ``self.sizes``; column 0 is -inf.
+        Raises: ConfigError if some row's last position is padding.
         """
         if seqs.dim() == 2 and bool((seqs[:, -1] == 0).any()):
             raise ConfigError("score_last needs left-padded sequences: some row's last "
                               "position is padding")
         table = self.item_table()  # (N + 1, D)
-        scores = self._encode(seqs, table)[:, -1] @ table.T  # (B, N + 1)
-        scores[:, 0] = float("-inf")
-        return scores
+        h = self._encode(seqs, table)[:, -1]  # (B, D)
+        out = []
+        for s in self.sizes:
+            scores = h[:, :s] @ table[:, :s].T  # (B, N + 1)
+            scores[:, 0] = float("-inf")
+            out.append(scores)
+        return out
+
+    def score_last(self, seqs: Tensor, size: int | None = None) -> Tensor:
+        """Scores for the item following the last position.
+
+        Args: seqs: (B, L) long, left-padded; the last column must be a real item.
+            size: Matryoshka size to score with (default: the full width).
+        Returns: (B, N + 1) logits ``<h_{L-1}[:s], e_j[:s]>``; column 0 (padding) is -inf.
+        Raises: ConfigError if some row's last position is padding (right-padded input) or
+            ``size`` is not one of ``sizes``.
+        """
+        k = size_index(self.sizes, size) if size is not None else len(self.sizes) - 1
+        return self.score_last_sizes(seqs)[k]
+
+    def extract(self, size: int) -> "SequentialRecommender":
+        """A standalone recommender of width ``size`` (fMRLRec: train once, deploy any size).
+
+        The item table is computed once and sliced to its first ``size`` features
+        (:class:`models.item_encoders.FixedItemTable`); the sequence model is extracted with
+        its own ``extract``.
+        Raises: ConfigError if ``size`` is not one of ``sizes`` or the model cannot extract.
+        """
+        from .item_encoders import FixedItemTable
+        k = size_index(self.sizes, size)
+        if not hasattr(self.seq_model, "extract"):
+            raise ConfigError(f"{type(self.seq_model).__name__} has no Matryoshka extraction")
+        with torch.no_grad():
+            table = self.item_table()[:, :size]  # (N + 1, size)
+        return SequentialRecommender(FixedItemTable(table), self.seq_model.extract(k))

@@ -21,6 +21,16 @@ always has position max_len-1 (the original code always pads to max_len, where t
 agree). Each position may attend to itself even when it is padding, so no attention row is
 ever fully masked (no NaN from softmax); outputs at padding positions are zeroed after every
 block and are meaningless to callers.
+
+Matryoshka SASRec (:class:`MatryoshkaSASRec`, fMRLRec seed ``002_*`` eq. 2-5 / 12 applied to
+SASRec's layers; fMRLRec itself only nests LRURec): every linear map is a staircase-masked
+:class:`models.matryoshka.MatryoshkaLinear` (q, k, v, output, FFN up 4x / down), LayerNorms
+are per Matryoshka block, the position table nests by slicing. Attention must also nest, so
+heads are *strided*: head h owns the features d with ``d mod n_heads == h`` (a fixed
+permutation of the usual contiguous heads), hence head h of size s is a subset of head h of
+every larger size. Output block j (features ``[s_{j-1}, s_j)``) is attended with the
+size-``s_j`` logits ``q[:s_j] . k[:s_j] / sqrt(s_j / n_heads)``, which is what the extracted
+size-``s_j`` model computes. Cost: one attention per size.
 Errors: :class:`pipeline.errors.ConfigError`.
 """
 
@@ -33,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+
+from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,16 @@ class SASRec(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    @property
+    def hidden(self) -> int:
+        """Model width D."""
+        return self.cfg.hidden
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Output widths that are models of their own: only D (no Matryoshka nesting)."""
+        return (self.cfg.hidden,)
+
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         """Encode a left-padded sequence.
 
@@ -153,3 +175,118 @@ class SASRec(nn.Module):
         for block in self.blocks:
             h = block(h, allowed) * keep[..., None]  # (B, L, D)
         return self.ln_out(h)
+
+
+class _MatryoshkaBlock(nn.Module):
+    """Pre-LN transformer block with Matryoshka-nested maps and strided heads."""
+
+    def __init__(self, c: SASRecConfig, sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.sizes, self.n_heads, self.p_attn = sizes, c.n_heads, c.attn_dropout
+        self.ln1 = MatryoshkaLayerNorm(sizes, c.layer_norm_eps)
+        self.ln2 = MatryoshkaLayerNorm(sizes, c.layer_norm_eps)
+        self.q, self.k, self.v, self.proj = (MatryoshkaLinear(sizes) for _ in range(4))
+        self.up = MatryoshkaLinear(sizes, out_mult=c.inner_mult)
+        self.down = MatryoshkaLinear(sizes, in_mult=c.inner_mult)
+        self.drop, self.ffn_drop = nn.Dropout(c.dropout), nn.Dropout(c.dropout)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """(B, L, w) -> (B, H, L, w/H), head h = features d with d mod H == h."""
+        B, L, w = t.shape
+        return t.view(B, L, w // self.n_heads, self.n_heads).permute(0, 3, 1, 2)  # (B, H, L, w/H)
+
+    def attend(self, z: Tensor, allowed: Tensor) -> Tensor:
+        """z: (B, L, D) normalised input -> (B, L, D) attention output before ``proj``."""
+        B, L, _ = z.shape
+        q, k, v = self.q(z), self.k(z), self.v(z)  # each (B, L, D)
+        outs, prev = [], 0
+        for s in self.sizes:
+            a = F.scaled_dot_product_attention(
+                self._heads(q[..., :s]), self._heads(k[..., :s]), self._heads(v[..., prev:s]),
+                attn_mask=allowed, dropout_p=self.p_attn if self.training else 0.0)
+            # (B, H, L, (s - prev)/H) -> (B, L, s - prev), back to the strided feature order
+            outs.append(a.permute(0, 2, 3, 1).reshape(B, L, s - prev))
+            prev = s
+        return torch.cat(outs, dim=-1)  # (B, L, D)
+
+    def forward(self, h: Tensor, allowed: Tensor) -> Tensor:
+        """h: (B, L, D); allowed: (B, 1, L, L) bool -> (B, L, D)."""
+        h = h + self.drop(self.proj(self.attend(self.ln1(h), allowed)))  # (B, L, D)
+        z = self.ln2(h)
+        return h + self.drop(self.down(self.ffn_drop(F.gelu(self.up(z)))))
+
+    def extract(self, k: int) -> "_MatryoshkaBlock":
+        new = _MatryoshkaBlock.__new__(_MatryoshkaBlock)
+        nn.Module.__init__(new)
+        new.sizes, new.n_heads, new.p_attn = self.sizes[:k + 1], self.n_heads, self.p_attn
+        for name in ("ln1", "ln2", "q", "k", "v", "proj", "up", "down"):
+            setattr(new, name, getattr(self, name).extract(k))
+        new.drop, new.ffn_drop = nn.Dropout(self.drop.p), nn.Dropout(self.ffn_drop.p)
+        return new
+
+
+class MatryoshkaSASRec(nn.Module):
+    """SASRec with fMRLRec full-scale Matryoshka nesting (see module docstring).
+
+    Args:
+        cfg: the SASRec settings (``hidden`` = largest size D).
+        sizes: ascending sizes s_1 < ... < s_M = D, each a multiple of ``n_heads``.
+    Output ``(B, L, D)``: features ``[:s]`` are exactly the output of the size-s model
+    returned by :meth:`extract`. With ``sizes=(D,)`` this is a SASRec whose heads are a fixed
+    permutation of the usual contiguous ones.
+    Raises: ConfigError for invalid sizes.
+    """
+
+    def __init__(self, cfg: SASRecConfig, sizes: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._sizes = check_sizes(sizes or (cfg.hidden,), cfg.hidden, cfg.n_heads)
+        self.pos = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.ln_in = MatryoshkaLayerNorm(self._sizes, cfg.layer_norm_eps)
+        self.ln_out = MatryoshkaLayerNorm(self._sizes, cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_MatryoshkaBlock(cfg, self._sizes)
+                                    for _ in range(cfg.n_layers))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, cfg.init_std)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def hidden(self) -> int:
+        return self.cfg.hidden
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self._sizes
+
+    def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
+        """x: (B, L, D) left-padded embeddings, pad_mask: (B, L) bool -> (B, L, D), causal.
+
+        Raises: ConfigError for shape mismatches or L > max_len.
+        """
+        B, L, D = x.shape
+        if D != self.cfg.hidden or L > self.cfg.max_len or tuple(pad_mask.shape) != (B, L):
+            raise ConfigError(f"MatryoshkaSASRec expects x (B, L<={self.cfg.max_len}, "
+                              f"{self.cfg.hidden}) and pad_mask (B, L); got {tuple(x.shape)} "
+                              f"and {tuple(pad_mask.shape)}")
+        keep = ~pad_mask.bool()  # (B, L)
+        allowed = attention_mask(pad_mask)  # (B, 1, L, L)
+        h = self.drop(self.ln_in(x + self.pos.weight[self.cfg.max_len - L:]))  # (B, L, D)
+        h = h * keep[..., None]
+        for block in self.blocks:
+            h = block(h, allowed) * keep[..., None]  # (B, L, D)
+        return self.ln_out(h)
+
+    def extract(self, k: int) -> "MatryoshkaSASRec":
+        """Standalone model of size ``sizes[k]``. Raises ConfigError for a bad index."""
+        _check_k(k, self._sizes)
+        s = self._sizes[k]
+        cfg = SASRecConfig(**{**self.cfg.__dict__, "hidden": s})
+        new = MatryoshkaSASRec(cfg, self._sizes[:k + 1])
+        with torch.no_grad():
+            new.pos.weight.copy_(self.pos.weight[:, :s])
+        new.ln_in, new.ln_out = self.ln_in.extract(k), self.ln_out.extract(k)
+        new.blocks = nn.ModuleList(b.extract(k) for b in self.blocks)
+        return new.to(self.pos.weight.device)

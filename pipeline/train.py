@@ -1,20 +1,32 @@
-"""Stage 2: train a sequential recommender on cached hidden states only.
+"""Stage 2: train a recommender on cached hidden states only, and evaluate it.
 
-No encoder is loaded here: the item encoder reads the stores written by stage 1
+No encoder is loaded here: item encoders read the stores written by stage 1
 (``stores.hidden_states``) into memory once, and every step computes the item table from
 those cached tensors (IISAN's decoupled PEFT with caching, Fu et al. SIGIR 2024, sec. III-F).
 
-Protocol (SASRec / IISAN): all-position next-item training with full-softmax cross-entropy
-over every item; leave-one-out by time (``pipeline.split``); validation NDCG@10 after every
-epoch with early stopping (patience in epochs); test metrics at the best validation epoch
-only (``pipeline.evaluate``). Long training sequences are cut into consecutive windows of
-``max_len + 1`` items from the most recent backwards, so every training interaction is a
-target exactly once (SASRec keeps only the last window; with MovieLens' long histories that
-discards most of the data).
+One :class:`TrainConfig` describes a run and is validated up front (cross-field rules raise
+:class:`pipeline.errors.ConfigError` when the config is built): the item encoder (item IDs;
+IISAN-VS/VA; fMRLRec concat-and-project; EM3 Fusion-Q-Former; a content encoder plus item
+IDs), the sequence model (SASRec, LRURec, GRU4Rec; Matryoshka ``sizes`` for SASRec / LRURec;
+or the non-sequential VBPR), the loss (full-softmax CE, IISAN's in-batch debiased CE, BPR;
+plus EM3's CIC with a weight), LoRA continuation of a trained run (EM3), the optimiser
+(AdamW) and the seed.
 
-Outputs in ``<out_dir>/<name>/``: ``model.safetensors`` (weights; the cached hidden states
-are buffers and are not saved), ``config.json`` (the resolved config and the specs of the
-stores read), ``history.csv`` (per-epoch loss and validation metrics) and ``metrics.json``.
+Protocol (SASRec / IISAN): all-position next-item training; leave-one-out by time
+(``pipeline.split``); validation after every epoch at the largest size with early stopping
+on ``monitor`` (patience in epochs; fMRLRec's public code also monitors the largest size);
+test metrics at the best validation epoch only, for every Matryoshka size, for all users and
+broken down into users whose target is a cold item (at most ``cold_threshold`` training
+interactions) and the rest. The history-exclusion rule (``eval.exclude``) is reported with
+every number. Long training sequences are cut into consecutive windows of ``max_len + 1``
+items from the most recent backwards, so every training interaction is a target exactly once
+(SASRec keeps only the last window; with MovieLens' long histories that discards most data).
+VBPR trains on (user, item) pairs of the training sequences with BPR.
+
+Outputs in ``<out_dir>/<name>/``: ``model.safetensors`` (weights; cached hidden states are
+buffers and are not saved; LoRA adapters are merged), ``config.json`` (the resolved config
+and the specs of the stores read), ``history.csv`` (per-epoch loss, validation metrics and
+seconds), ``train_summary.json`` and, after :func:`evaluate_checkpoint`, ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -22,24 +34,43 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.gru4rec import GRU4Rec, GRU4RecConfig
+from models.item_encoders import ContentIDItemTable, LinearFusionConfig, LinearFusionEncoder
+from models.lora import apply_lora, lora_parameters, merge_lora
+from models.losses import CICHead, bpr_loss, popularity_log_prob, sample_negatives
+from models.lru import LRUConfig, LRURec
+from models.matryoshka import effective_params
+from models.qformer import FusionQFormer, FusionQFormerConfig
 from models.recommender import ContentItemTable, IDItemTable, SequentialRecommender
 from models.san import IISANConfig, IISANItemEncoder
-from models.sasrec import SASRec, SASRecConfig
+from models.sasrec import MatryoshkaSASRec, SASRec, SASRecConfig
+from models.vbpr import VBPR, VBPRConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
+from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores
 from pipeline.split import SequenceSplit, build_split, pad_left
 from stores.hidden_states import HiddenStateStore, StoreSpec, dump_json
 from stores.tables import items_fingerprint, read_tables
 
 log = logging.getLogger(__name__)
+
+CONTENT_ENCODERS = ("iisan", "concat", "qformer")
+# fields a LoRA run must share with the run it continues (max_len may differ without a
+# position table: LRURec, GRU4Rec)
+ARCH_FIELDS = ("item_encoder", "use_id", "text_store", "image_store", "text_layers",
+               "image_layers", "feature_norm", "seq_model", "hidden", "sizes", "n_layers", "n_heads",
+               "gru_layers", "lru_r_min", "lru_r_max", "lru_state_mult", "adapter_dim",
+               "use_intra", "use_inter", "use_gates", "qformer_queries", "qformer_layers",
+               "qformer_heads", "qformer_dim", "vbpr_factors")
 
 
 class TrainConfig(BaseModel):
@@ -49,14 +80,47 @@ class TrainConfig(BaseModel):
         name: label of the run (folder and metrics.csv ``model`` column).
         tables_dir: folder with interactions.parquet / items.parquet.
         out_dir: checkpoints go to ``out_dir/name``.
-        item_encoder: ``id`` (ID embeddings) or ``iisan`` (IISAN-VS/VA over cached states).
-        text_store / image_store: stores read by ``iisan`` (either may be None).
+        item_encoder: ``id`` (item-ID embeddings), ``iisan`` (IISAN-VS/VA over the cached
+            states), ``concat`` (fMRLRec concat-and-project of the top cached rows; with one
+            store: the frozen-feature linear baseline) or ``qformer`` (EM3 Fusion-Q-Former).
+        use_id: add learned item-ID embeddings to a content encoder's table (EM3).
+        text_store / image_store: stores read by content encoders and VBPR (either may be None).
         text_layers / image_layers: hidden-state indices to read (default: all stored).
-        hidden, max_len, n_layers, n_heads, dropout: SASRec settings (IISAN: 64, 50, 2, 2, 0.1).
-        adapter_dim, use_intra, use_inter, use_gates: IISAN settings.
-        lr, weight_decay, batch_size: AdamW settings; batch_size in training windows.
-        max_epochs, patience: early stopping on validation ``monitor`` (in epochs).
-        seed: controls initialisation and shuffling.
+        cache_dtype: dtype the cached states are held in during training: ``float32``
+            (default; fastest on CPU, twice the memory) or ``float16`` (as stored).
+        feature_norm: ``standardize`` (default): each cached feature (row k, dim d) is
+            shifted and scaled once at load time to mean 0 and std ``1 / sqrt(D)`` over the
+            catalogue (a row then has norm ~1; features with std < 1e-6 are only centred);
+            ``none``: the raw states. Departure from IISAN, whose pretrained BERT / ViT
+            states are fed raw: here the random ViT's rows have norms ~30-40 whose
+            item-independent part dwarfs the item-specific one (row 0, the [CLS] embedding
+            output, is identical for all items); raw or unit-variance inputs gave initial
+            losses of 15-35 (uniform: 7.5) and a diverging first epoch at lr 3e-3 on the
+            demo data, unit-norm rows train smoothly.
+        seq_model: ``sasrec``, ``lru`` (LRURec / fMRLRec), ``gru4rec`` or ``vbpr``.
+        hidden: model width D (the largest Matryoshka size).
+        sizes: Matryoshka sizes (ascending, last = hidden) for sasrec / lru; None = no nesting.
+        max_len, n_layers, n_heads, dropout: sequence-model settings (IISAN: 50, 2, 2, 0.1).
+        gru_layers: GRU4Rec layers. lru_r_min / lru_r_max / lru_state_mult: LRU settings.
+        adapter_dim, use_intra, use_inter, use_gates: IISAN settings (ablation switches).
+        qformer_queries / qformer_layers / qformer_heads / qformer_dim: Fusion-Q-Former.
+        vbpr_factors: K = K' of VBPR.
+        loss: ``ce`` (full softmax; averaged over sizes, fMRLRec eq. 14), ``debiased_ce``
+            (IISAN eq. 6-7) or ``bpr`` (``bpr_negatives`` uniform negatives per target).
+        cic_weight, cic_temperature, cic_dim: EM3 CIC loss added with this weight (needs a
+            content encoder with ``use_id``).
+        lora_from: checkpoint folder of a trained run to continue with LoRA (EM3): its
+            weights are loaded and frozen, adapters of rank ``lora_rank`` (scale
+            ``lora_alpha / lora_rank``) on ``lora_targets`` (default: every linear layer of
+            the sequence model) are trained, then merged into the saved weights.
+        lr, weight_decay, batch_size: AdamW settings; batch_size in training windows (VBPR:
+            ``batch_size * max_len`` pairs).
+        max_epochs, patience, monitor: early stopping on validation (in epochs).
+        cold_threshold: a target item with at most this many training interactions is cold.
+        seed: controls initialisation, shuffling and negative sampling.
+    Raises:
+        pydantic.ValidationError for a bad single field; ConfigError for an invalid
+        combination (checked when the config is built).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -64,30 +128,112 @@ class TrainConfig(BaseModel):
     name: str
     tables_dir: Path
     out_dir: Path
-    item_encoder: Literal["id", "iisan"] = "id"
+    item_encoder: Literal["id", "iisan", "concat", "qformer"] = "id"
+    use_id: bool = False
     text_store: Path | None = None
     image_store: Path | None = None
     text_layers: tuple[int, ...] | None = None
     image_layers: tuple[int, ...] | None = None
+    cache_dtype: Literal["float16", "float32"] = "float32"
+    feature_norm: Literal["standardize", "none"] = "standardize"
+    seq_model: Literal["sasrec", "lru", "gru4rec", "vbpr"] = "sasrec"
     hidden: int = Field(default=64, ge=1)
+    sizes: tuple[int, ...] | None = None
     max_len: int = Field(default=50, ge=2)
     n_layers: int = Field(default=2, ge=1)
     n_heads: int = Field(default=2, ge=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    gru_layers: int = Field(default=1, ge=1)
+    lru_r_min: float = Field(default=0.8, ge=0, lt=1)
+    lru_r_max: float = Field(default=0.99, gt=0, lt=1)
+    lru_state_mult: int = Field(default=1, ge=1)
     adapter_dim: int = Field(default=64, ge=1)
     use_intra: bool = True
     use_inter: bool = True
     use_gates: bool = True
+    qformer_queries: int = Field(default=4, ge=1)
+    qformer_layers: int = Field(default=1, ge=1)
+    qformer_heads: int = Field(default=2, ge=1)
+    qformer_dim: int = Field(default=64, ge=1)
+    vbpr_factors: int = Field(default=32, ge=1)
+    loss: Literal["ce", "debiased_ce", "bpr"] = "ce"
+    bpr_negatives: int = Field(default=1, ge=1)
+    cic_weight: float = Field(default=0.0, ge=0)
+    cic_temperature: float = Field(default=0.1, gt=0)
+    cic_dim: int = Field(default=64, ge=1)
+    lora_from: Path | None = None
+    lora_rank: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: tuple[str, ...] | None = None
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=64, ge=1)
     max_epochs: int = Field(default=100, ge=1)
     patience: int = Field(default=10, ge=1)
     monitor: str = "NDCG@10"
+    cold_threshold: int = Field(default=20, ge=0)
     seed: int = 42
     device: str = "cpu"
     eval: EvalConfig = EvalConfig()
 
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules. Raises ConfigError naming the fields."""
+        content = self.item_encoder in CONTENT_ENCODERS
+        has_store = self.text_store is not None or self.image_store is not None
+        if self.seq_model == "vbpr":
+            if self.loss != "bpr":
+                raise ConfigError(f"seq_model='vbpr' is trained with loss='bpr', got {self.loss!r}")
+            if not has_store:
+                raise ConfigError("seq_model='vbpr' needs text_store and/or image_store (its "
+                                  "item features)")
+            if self.item_encoder != "id" or self.use_id or self.sizes or self.cic_weight:
+                raise ConfigError("seq_model='vbpr' has its own item model: leave "
+                                  "item_encoder='id', use_id, sizes and cic_weight unset")
+        elif content and not has_store:
+            raise ConfigError(f"item_encoder={self.item_encoder!r} needs text_store and/or "
+                              f"image_store")
+        elif self.item_encoder == "id" and has_store:
+            raise ConfigError("item_encoder='id' reads no store: drop text_store / image_store "
+                              "(or pick a content encoder)")
+        if self.use_id and not content:
+            raise ConfigError("use_id adds ID embeddings to a content encoder "
+                              f"(iisan, concat, qformer), not to {self.item_encoder!r}")
+        if self.cic_weight > 0 and not (content and self.use_id):
+            raise ConfigError("cic_weight > 0 (EM3 CIC) needs a content encoder with use_id=True")
+        if self.sizes is not None:
+            if self.seq_model not in ("sasrec", "lru"):
+                raise ConfigError(f"Matryoshka sizes are implemented for sasrec and lru, not "
+                                  f"{self.seq_model!r}")
+            s = self.sizes
+            if not s or any(b <= a for a, b in zip(s, s[1:])) or s[0] < 1 or s[-1] != self.hidden:
+                raise ConfigError(f"sizes must be ascending with the last equal to hidden="
+                                  f"{self.hidden}, got {s}")
+        if self.seq_model == "sasrec":
+            bad = [v for v in (self.sizes or (self.hidden,)) if v % self.n_heads]
+            if bad:
+                raise ConfigError(f"SASRec width(s) {bad} not divisible by n_heads={self.n_heads}")
+        if self.item_encoder == "qformer" and self.qformer_dim % self.qformer_heads:
+            raise ConfigError(f"qformer_dim={self.qformer_dim} not divisible by qformer_heads="
+                              f"{self.qformer_heads}")
+        if self.lru_r_min >= self.lru_r_max:
+            raise ConfigError(f"lru_r_min={self.lru_r_min} must be < lru_r_max={self.lru_r_max}")
+        if self.lora_from is not None and (self.seq_model == "vbpr" or self.sizes):
+            raise ConfigError("LoRA continuation applies to a non-nested sequence model "
+                              "(not vbpr, no Matryoshka sizes)")
+        if self.monitor not in {f"{m}@{k}" for m in ("HR", "NDCG") for k in self.eval.ks} | {"MRR"}:
+            raise ConfigError(f"monitor={self.monitor!r} is not a reported metric (HR@K / NDCG@K "
+                              f"for K in {self.eval.ks}, or MRR)")
+
+    @property
+    def all_sizes(self) -> tuple[int, ...]:
+        return self.sizes if self.sizes is not None else (self.hidden,)
+
+
+# --------------------------------------------------------------------------- data
 
 def training_windows(split: SequenceSplit, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All-position training windows covering every training interaction once.
@@ -98,6 +244,7 @@ def training_windows(split: SequenceSplit, max_len: int) -> tuple[torch.Tensor, 
 
     Returns:
         inputs (W, max_len) long, targets (W, max_len) long (0 = no target).
+    Raises: ConfigError if no user has two or more training interactions.
     """
     ins, outs = [], []
     for s in split.train_sequences():
@@ -110,6 +257,15 @@ def training_windows(split: SequenceSplit, max_len: int) -> tuple[torch.Tensor, 
     if not ins:
         raise ConfigError("no user has two or more training interactions")
     return pad_left(ins, max_len), pad_left(outs, max_len)
+
+
+def training_pairs(split: SequenceSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user row, item) pairs of every training interaction, for VBPR: two (P,) long tensors."""
+    users, items = [], []
+    for u, s in enumerate(split.train_sequences()):
+        users.append(np.full(len(s), u, dtype=np.int64))
+        items.append(np.asarray(s, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(users)), torch.from_numpy(np.concatenate(items))
 
 
 def load_cached(store: Path, layers: tuple[int, ...] | None, items_fp: str,
@@ -136,95 +292,285 @@ def load_cached(store: Path, layers: tuple[int, ...] | None, items_fp: str,
     return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float16), st.spec
 
 
-def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
-                image_h: torch.Tensor | None) -> SequentialRecommender:
-    """Item table (ID or IISAN over cached states) + SASRec, as configured."""
-    seq = SASRec(SASRecConfig(hidden=cfg.hidden, max_len=cfg.max_len, n_layers=cfg.n_layers,
-                              n_heads=cfg.n_heads, dropout=cfg.dropout, attn_dropout=cfg.dropout))
+def _load_stores(cfg: TrainConfig, tables, item_ids: np.ndarray
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    text_h = image_h = None
+    specs: dict[str, Any] = {}
+    if cfg.text_store is None and cfg.image_store is None:
+        return None, None, specs
+    fp = items_fingerprint(tables.items.sort_values("item_id"))
+    if cfg.text_store is not None:
+        text_h, s = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
+        specs["text"] = s.model_dump(mode="json")
+    if cfg.image_store is not None:
+        image_h, s = load_cached(cfg.image_store, cfg.image_layers, fp, item_ids)
+        specs["image"] = s.model_dump(mode="json")
+    dtype = getattr(torch, cfg.cache_dtype)
+
+    def prep(h: torch.Tensor | None) -> torch.Tensor | None:
+        if h is None:
+            return None
+        if cfg.feature_norm == "standardize":
+            h = standardize(h)
+        return h.to(dtype)
+    return prep(text_h), prep(image_h), specs
+
+
+def standardize(h: torch.Tensor) -> torch.Tensor:
+    """Per-feature z-score over items, scaled to unit row norm: (N, K, D) -> (N, K, D) float32.
+
+    ``(h - mean_n h) / (std_n h * sqrt(D))`` for every (row k, dim d); features with
+    std < 1e-6 (e.g. a constant [CLS] embedding row) are only centred.
+    """
+    x = h.float()
+    std = x.std(0, keepdim=True)  # (1, K, D)
+    z = (x - x.mean(0, keepdim=True)) / torch.where(std < 1e-6, torch.ones_like(std), std)
+    return z / math.sqrt(x.shape[-1])
+
+
+# --------------------------------------------------------------------------- models
+
+def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The configured sequence model (SASRec / Matryoshka SASRec / LRURec / GRU4Rec)."""
+    if cfg.seq_model == "sasrec":
+        scfg = SASRecConfig(hidden=cfg.hidden, max_len=cfg.max_len, n_layers=cfg.n_layers,
+                            n_heads=cfg.n_heads, dropout=cfg.dropout, attn_dropout=cfg.dropout)
+        return MatryoshkaSASRec(scfg, cfg.sizes) if cfg.sizes else SASRec(scfg)
+    if cfg.seq_model == "lru":
+        return LRURec(LRUConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, dropout=cfg.dropout,
+                                lru_dropout=cfg.dropout, r_min=cfg.lru_r_min,
+                                r_max=cfg.lru_r_max, state_mult=cfg.lru_state_mult,
+                                sizes=cfg.sizes))
+    if cfg.seq_model == "gru4rec":
+        return GRU4Rec(GRU4RecConfig(hidden=cfg.hidden, n_layers=cfg.gru_layers,
+                                     dropout=cfg.dropout))
+    raise ConfigError(f"{cfg.seq_model!r} is not a sequence model")
+
+
+def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
+                     image_h: torch.Tensor | None) -> torch.nn.Module:
+    """The configured item table: IDs, a content encoder over the cache, or content + IDs."""
     if cfg.item_encoder == "id":
-        table: torch.nn.Module = IDItemTable(num_items, cfg.hidden)
+        return IDItemTable(num_items, cfg.hidden)
+    dims = dict(text_dim=text_h.shape[2] if text_h is not None else 0,
+                image_dim=image_h.shape[2] if image_h is not None else 0)
+    rows = dict(text_rows=text_h.shape[1] if text_h is not None else 0,
+                image_rows=image_h.shape[1] if image_h is not None else 0)
+    if cfg.item_encoder == "iisan":
+        enc: torch.nn.Module = IISANItemEncoder(IISANConfig(
+            **dims, **rows, adapter_dim=cfg.adapter_dim, out_dim=cfg.hidden,
+            use_intra=cfg.use_intra, use_inter=cfg.use_inter, use_gates=cfg.use_gates))
+    elif cfg.item_encoder == "concat":
+        enc = LinearFusionEncoder(LinearFusionConfig(**dims, out_dim=cfg.hidden))
     else:
-        icfg = IISANConfig(
-            text_dim=text_h.shape[2] if text_h is not None else 0,
-            image_dim=image_h.shape[2] if image_h is not None else 0,
-            text_rows=text_h.shape[1] if text_h is not None else 0,
-            image_rows=image_h.shape[1] if image_h is not None else 0,
-            adapter_dim=cfg.adapter_dim, out_dim=cfg.hidden, use_intra=cfg.use_intra,
-            use_inter=cfg.use_inter, use_gates=cfg.use_gates)
-        table = ContentItemTable(IISANItemEncoder(icfg), text_h, image_h)
-    return SequentialRecommender(table, seq)
+        enc = FusionQFormer(FusionQFormerConfig(
+            **dims, **rows, d_model=cfg.qformer_dim, n_queries=cfg.qformer_queries,
+            n_layers=cfg.qformer_layers, n_heads=cfg.qformer_heads, dropout=cfg.dropout,
+            out_dim=cfg.hidden))
+    table: torch.nn.Module = ContentItemTable(enc, text_h, image_h)
+    if cfg.use_id:
+        table = ContentIDItemTable(table, IDItemTable(num_items, cfg.hidden))
+    return table
 
 
-def _score_fn(model: SequentialRecommender):
-    def score(histories: torch.Tensor) -> torch.Tensor:
-        return model.score_last(histories)
-    return score
+def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None) -> torch.Tensor:
+    """(N, F) VBPR item features: the top cached row of each given store, concatenated."""
+    return torch.cat([h[:, -1].float() for h in (text_h, image_h) if h is not None], dim=1)
+
+
+def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
+                image_h: torch.Tensor | None, num_users: int = 0) -> torch.nn.Module:
+    """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR."""
+    if cfg.seq_model == "vbpr":
+        return VBPR(VBPRConfig(num_users=num_users, num_items=num_items,
+                               factors=cfg.vbpr_factors, visual_factors=cfg.vbpr_factors),
+                    vbpr_features(text_h, image_h))
+    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h),
+                                 build_seq_model(cfg))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def score_fn_for(model: torch.nn.Module) -> ScoreFn:
+    """(histories (B, L), user rows (B,)) -> one (B, N + 1) score tensor per size."""
+    if isinstance(model, VBPR):
+        return lambda hist, users: [model.score_all(users)]
+    return lambda hist, users: model.score_last_sizes(hist)
+
+
+def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid", "test"],
+                  ecfg: EvalConfig, device: str | torch.device = "cpu"
+                  ) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Full-ranking ranks of every validation / test target, at every size.
+
+    Same histories, cut, exclusion rule and pessimistic ties as
+    :func:`pipeline.evaluate.evaluate` (``metrics_from_ranks`` of the result equals it), but
+    the per-example ranks are kept so that subsets (cold items) can be scored.
+
+    Returns: (one (n,) long rank tensor per size, (n,) target item indices).
+    Raises: ConfigError if the score shape is wrong; InputDataError if no example.
+    """
+    from pipeline.errors import InputDataError
+    histories, targets = split.examples(stage)
+    if not histories:
+        raise InputDataError(f"the split has no {stage} example (every user has < 3 interactions)")
+    users = torch.tensor([u for u, s in enumerate(split.sequences) if len(s) >= 3])
+    n = split.num_items
+    out: list[list[torch.Tensor]] = []
+    for start in range(0, len(histories), ecfg.batch_size):
+        hist, tgt = histories[start:start + ecfg.batch_size], targets[start:start + ecfg.batch_size]
+        with torch.no_grad():
+            per_size = score_fn(pad_left(hist, ecfg.max_len).to(device),
+                                users[start:start + len(hist)].to(device))
+        mask = exclusion_mask(hist, tgt, n, ecfg.exclude, ecfg.max_len)
+        for k, scores in enumerate(per_size):
+            if tuple(scores.shape) != (len(hist), n + 1):
+                raise ConfigError(f"score_fn returned shape {tuple(scores.shape)}, "
+                                  f"expected {(len(hist), n + 1)}")
+            if len(out) <= k:
+                out.append([])
+            out[k].append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
+                                            mask).cpu())
+    return [torch.cat(r) for r in out], targets
+
+
+def breakdown(ranks: torch.Tensor, targets: np.ndarray, train_counts: np.ndarray,
+              cold_threshold: int, ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Metrics for all examples, cold targets (train count <= threshold) and the rest.
+
+    Returns ``{"all": {...}, "cold": {...}, "warm": {...}}``, each with ``n_users``; a
+    subset with no example has only ``{"n_users": 0}``.
+    """
+    cold = train_counts[targets] <= cold_threshold
+    out = {}
+    for name, sel in (("all", np.ones_like(cold)), ("cold", cold), ("warm", ~cold)):
+        idx = torch.from_numpy(np.flatnonzero(sel))
+        m = metrics_from_ranks(ranks[idx], ks) if len(idx) else {}
+        out[name] = {**m, "n_users": int(len(idx))}
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+def _base_checkpoint(cfg: TrainConfig) -> Path:
+    base = Path(cfg.lora_from)  # type: ignore[arg-type]
+    if not (base / "config.json").exists() or not (base / "model.safetensors").exists():
+        raise ConfigError(f"lora_from={base} has no config.json / model.safetensors")
+    saved = TrainConfig(**json.loads((base / "config.json").read_text())["train"])
+    for f in ARCH_FIELDS:
+        if getattr(saved, f) != getattr(cfg, f):
+            raise ConfigError(f"lora_from run differs in {f}: {getattr(saved, f)!r} there, "
+                              f"{getattr(cfg, f)!r} here")
+    if cfg.seq_model == "sasrec" and saved.max_len != cfg.max_len:
+        raise ConfigError(f"SASRec has a position table of max_len={saved.max_len}: a LoRA "
+                          f"run cannot change it to {cfg.max_len}")
+    return base
+
+
+def _cic_items(seqs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    items = torch.unique(torch.cat([seqs.reshape(-1), targets.reshape(-1)]))
+    return items[items != 0]
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, early-stop on validation, evaluate test at the best epoch, save the checkpoint.
+    """Train, early-stop on validation, save the best checkpoint.
 
     The test split is not touched here: :func:`evaluate_checkpoint` scores the saved weights.
 
     Returns:
         {"name", "checkpoint_dir", "best_epoch", "epochs_run", "best_valid": history row,
-         "seconds", "seconds_per_epoch", "params"}
+         "seconds", "seconds_per_epoch" (training only, without validation), "params"
+         (trainable), "params_effective" (Matryoshka-masked weights not counted), "exclude"}
     Raises:
-        ConfigError: ``iisan`` without any store; StoreError subclasses from the stores.
+        ConfigError: invalid combination; StoreError subclasses from the stores.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
+    cfg.check()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tables = read_tables(cfg.tables_dir)
     items = tables.items.sort_values("item_id")
     item_ids = items["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
-    text_h = image_h = None
-    specs: dict[str, Any] = {}
-    if cfg.item_encoder == "iisan":
-        if cfg.text_store is None and cfg.image_store is None:
-            raise ConfigError("item_encoder='iisan' needs text_store and/or image_store")
-        fp = items_fingerprint(items)
-        if cfg.text_store is not None:
-            text_h, s = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
-            specs["text"] = s.model_dump(mode="json")
-        if cfg.image_store is not None:
-            image_h, s = load_cached(cfg.image_store, cfg.image_layers, fp, item_ids)
-            specs["image"] = s.model_dump(mode="json")
+    text_h, image_h, specs = _load_stores(cfg, tables, item_ids)
     dev = torch.device(cfg.device)
-    model = build_model(cfg, split.num_items, text_h, image_h).to(dev)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    inputs, targets = training_windows(split, cfg.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids))
+    lora_info: dict[str, Any] = {}
+    if cfg.lora_from is not None:
+        base = _base_checkpoint(cfg)
+        model.load_state_dict(load_file(str(base / "model.safetensors")))
+        model.requires_grad_(False)
+        apply_lora(model.seq_model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+        lora_info = {"lora_from": str(base), "lora_params": lora_parameters(model)}
+    model.to(dev)
+    cic = (CICHead(cfg.hidden, cfg.hidden, cfg.cic_dim, cfg.cic_temperature).to(dev)
+           if cfg.cic_weight > 0 else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params + (list(cic.parameters()) if cic else []), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
+    counts = split.train_item_counts()
+    log_pop = popularity_log_prob(torch.from_numpy(counts)).to(dev)
+    vbpr = isinstance(model, VBPR)
+    if vbpr:
+        data = training_pairs(split)
+        step_size = cfg.batch_size * cfg.max_len
+    else:
+        data = training_windows(split, cfg.max_len)
+        step_size = cfg.batch_size
     ecfg = cfg.eval.model_copy(update={"max_len": cfg.max_len})
+    score = score_fn_for(model)
     best, best_epoch, best_state, history = -1.0, 0, None, []
+    train_secs = 0.0
     run_dir = cfg.out_dir / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(1, cfg.max_epochs + 1):
+        te = time.perf_counter()
         model.train()
-        perm = torch.randperm(len(inputs), generator=gen)
+        perm = torch.randperm(len(data[0]), generator=gen)
         losses = []
-        for b in range(0, len(perm), cfg.batch_size):
-            idx = perm[b:b + cfg.batch_size]
-            loss = model.loss(inputs[idx].to(dev), targets[idx].to(dev))
+        for b in range(0, len(perm), step_size):
+            idx = perm[b:b + step_size]
+            a, y = data[0][idx].to(dev), data[1][idx].to(dev)
+            if vbpr:
+                neg = sample_negatives(y, split.num_items, cfg.bpr_negatives, gen)
+                loss = bpr_loss(model.score(a, y[:, None])[:, 0], model.score(a, neg))
+            elif cic is not None:
+                content, ids = model.item_table.parts()  # each (N + 1, D)
+                table = content + ids
+                loss = model.loss(a, y, cfg.loss, table=table, log_pop=log_pop,
+                                  num_negatives=cfg.bpr_negatives, generator=gen)
+                it = _cic_items(a, y)
+                loss = loss + cfg.cic_weight * cic(content[it], ids[it])
+            else:
+                loss = model.loss(a, y, cfg.loss, log_pop=log_pop,
+                                  num_negatives=cfg.bpr_negatives, generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        train_secs += time.perf_counter() - te
         model.eval()
-        valid = evaluate(_score_fn(model), split, "valid", ecfg, device=dev)
-        score = valid[cfg.monitor]
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **valid})
+        ranks, _ = rank_examples(score, split, "valid", ecfg, dev)
+        valid = {**metrics_from_ranks(ranks[-1], ecfg.ks), "n_users": len(ranks[-1])}
+        value = valid[cfg.monitor]
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **valid,
+                        "seconds": round(time.perf_counter() - te, 3)})
         log.info("%s epoch %d loss %.4f valid %s %.4f", cfg.name, epoch, np.mean(losses),
-                 cfg.monitor, score)
-        if score > best:
-            best, best_epoch = score, epoch
+                 cfg.monitor, value)
+        if value > best:
+            best, best_epoch = value, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
+    if cfg.lora_from is not None:
+        merge_lora(model.seq_model)
     secs = time.perf_counter() - t0
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(run_dir / "model.safetensors"))
@@ -239,45 +585,61 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         w.writerows(history)
     result = {"name": cfg.name, "checkpoint_dir": str(run_dir), "best_epoch": best_epoch,
               "epochs_run": len(history), "best_valid": history[best_epoch - 1],
-              "seconds": round(secs, 2), "seconds_per_epoch": round(secs / len(history), 3),
-              "params": params, "exclude": ecfg.exclude}
+              "seconds": round(secs, 2), "seconds_per_epoch": round(train_secs / len(history), 3),
+              "params": n_params, "params_effective": effective_params(model)
+              if cfg.lora_from is None else lora_info["lora_params"],
+              "exclude": ecfg.exclude, **lora_info}
     (run_dir / "train_summary.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
-    """Rebuild a trained model from ``config.json`` + ``model.safetensors`` and score it.
+def load_checkpoint(run_dir: Path, device: str = "cpu"
+                    ) -> tuple[TrainConfig, torch.nn.Module, SequenceSplit]:
+    """Rebuild a trained model from ``config.json`` + ``model.safetensors``.
 
     The cached hidden states are re-read from the stores named in the config (they are not
     part of the checkpoint); a store that changed since training raises StoreMismatchError.
-
-    Returns:
-        {"name", "valid": metrics, "test": metrics, "exclude"}; also written to metrics.json.
+    Returns: (config, model in eval mode on ``device``, split).
     """
     from safetensors.torch import load_file
 
     saved = json.loads((Path(run_dir) / "config.json").read_text())
     cfg = TrainConfig(**saved["train"])
-    if eval_cfg is not None:
-        cfg = cfg.model_copy(update={"eval": eval_cfg})
-    ecfg = cfg.eval.model_copy(update={"max_len": cfg.max_len})
     tables = read_tables(cfg.tables_dir)
     item_ids = tables.items.sort_values("item_id")["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
-    text_h = image_h = None
-    if cfg.item_encoder == "iisan":
-        fp = items_fingerprint(tables.items.sort_values("item_id"))
-        if cfg.text_store is not None:
-            text_h, _ = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
-        if cfg.image_store is not None:
-            image_h, _ = load_cached(cfg.image_store, cfg.image_layers, fp, item_ids)
-    model = build_model(cfg, split.num_items, text_h, image_h)
+    text_h, image_h, _ = _load_stores(cfg, tables, item_ids)
+    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids))
     model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
-    model.to(device).eval()
-    out = {"name": cfg.name, "exclude": ecfg.exclude,
-           "valid": evaluate(_score_fn(model), split, "valid", ecfg, device=device),
-           "test": evaluate(_score_fn(model), split, "test", ecfg, device=device)}
+    return cfg, model.to(device).eval(), split
+
+
+def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Score a saved checkpoint on valid and test: every size, all / cold / warm targets.
+
+    Returns:
+        {"name", "exclude", "valid": metrics, "test": metrics (largest size, all users, as
+         :func:`pipeline.evaluate.evaluate`), "sizes", "cold_threshold",
+         "by_size": {size: {"valid" | "test": {"all" | "cold" | "warm": metrics}}}};
+        also written to ``metrics.json``.
+    """
+    cfg, model, split = load_checkpoint(Path(run_dir), device)
+    if eval_cfg is not None:
+        cfg = cfg.model_copy(update={"eval": eval_cfg})
+    ecfg = cfg.eval.model_copy(update={"max_len": cfg.max_len})
+    counts = split.train_item_counts()
+    score = score_fn_for(model)
+    sizes = cfg.all_sizes if cfg.seq_model != "vbpr" else (2 * cfg.vbpr_factors,)
+    by_size: dict[str, dict[str, Any]] = {str(s): {} for s in sizes}
+    for stage in ("valid", "test"):
+        ranks, targets = rank_examples(score, split, stage, ecfg, device)
+        for s, r in zip(sizes, ranks):
+            by_size[str(s)][stage] = breakdown(r, targets, counts, cfg.cold_threshold, ecfg.ks)
+    top = by_size[str(sizes[-1])]
+    out = {"name": cfg.name, "exclude": ecfg.exclude, "valid": top["valid"]["all"],
+           "test": top["test"]["all"], "sizes": list(sizes), "cold_threshold": cfg.cold_threshold,
+           "by_size": by_size}
     (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
     return out
 

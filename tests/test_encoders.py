@@ -62,7 +62,7 @@ def test_open_clip_vit_matches_forward_intermediates():
     got = enc.encode(images)  # (2, 7, 768)
     px, _ = enc.prepare(images)
     with torch.no_grad():
-        ref = enc.model.visual.forward_intermediates(
+        ref = enc.model.forward_intermediates(
             px["pixel_values"], indices=list(range(12)), output_extra_tokens=True,
             intermediates_only=True)
     prefix = ref["image_intermediates_prefix"]  # per block: (B, 1, D) class token
@@ -106,3 +106,47 @@ def test_empty_text_names_the_item():
 def test_spec_is_validated():
     with pytest.raises(ValueError):
         EncoderSpec(name="x", modality="audio", library="transformers", model_id="m")
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    from PIL import Image
+    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    im.putpixel((0, 0), (0, 0, 255, 255))
+    im.save(tmp_path / "alpha.jpg", format="PNG")
+    out = load_image(tmp_path / "alpha.jpg")
+    assert out.mode == "RGB" and out.getpixel((1, 1)) == (255, 255, 255)
+    assert out.getpixel((0, 0)) == (0, 0, 255)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([10, 20, 30] * 256)
+    pal.save(tmp_path / "pal.png")
+    assert load_image(tmp_path / "pal.png").getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_preset_identity_is_stable():
+    """Existing stores stay valid: the presets' fingerprints and layers must not drift."""
+    from pipeline.encoders import weights_fingerprint
+    vit = preset("vit-b-32-random")
+    assert weights_fingerprint(vit) == (
+        "232e20be6c462e8ce9eb1dd5f40dc2406c0f2447b0b7e891ddd4d882870a5211")
+
+
+def test_spec_combinations_refused_early():
+    with pytest.raises(ValueError, match="only available for transformers"):
+        EncoderSpec(name="x", modality="image", library="open_clip", model_id="ViT-B-32",
+                    quantization="bnb-nf4")
+    with pytest.raises(ValueError, match="device_map needs a transformers model"):
+        EncoderSpec(name="x", modality="image", library="open_clip", model_id="ViT-B-32",
+                    device_map="auto")
+    with pytest.raises(ConfigError, match="only image towers"):
+        from pipeline.encoders import architecture
+        architecture(EncoderSpec(name="x", modality="text", library="open_clip",
+                                 model_id="ViT-B-32"))
+
+
+def test_minilm_bucketed_shard_equals_single_batches(minilm):
+    texts = ["Heat", "Toy Story (1995). Genres: Adventure, Animation, Children.",
+             "Up", "Amélie — 東京 ✓ " * 20, "Se7en (1995)"]
+    res = minilm.encode_items(texts)
+    assert res.truncated.tolist() == [False, False, False, True, False]
+    np.testing.assert_allclose(res.states, np.concatenate([minilm.encode([t]) for t in texts]),
+                               rtol=1e-4, atol=1e-5)

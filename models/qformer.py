@@ -1,0 +1,162 @@
+"""EM3 Fusion-Q-Former: trainable queries fused with modality tokens by self-attention.
+
+Paper: Deng et al., "End-to-end training of Multimodal Model and ranking Model" (EM3,
+Kuaishou 2024; seed ``000_*``), eq. 6. No public code exists.
+
+Equation implemented:
+    Y = TRM([q_1 .. q_Q ; v_1 .. v_M ; t_1 .. t_K])          (eq. 6)
+    e = W_o flatten(Y[:Q]) + b_o     (or W_o mean(Y[:Q]) with ``output="mean"``)
+where q_j are trainable query vectors, v_m the image tokens and t_k the text tokens, and TRM
+is a stack of bidirectional pre-LN transformer blocks (self-attention over all tokens, GELU
+FFN of width 4 d) followed by a LayerNorm.
+
+Modality tokens: here they are the cache's per-layer pooled vectors (one token per kept
+hidden state, REFERENCE "Modality tokens may be the per-layer pooled vectors of the cache"):
+token = LN_mod(Linear_mod(h_row)) + P_mod[row] + T_mod, with a projection per modality into
+the fusion width d, a LayerNorm (so the item signal is on the scale of the learned
+embeddings whatever the cache's scale; BLIP-2 likewise normalises its query embeddings), a
+learned row (layer) embedding and a modality-type embedding.
+
+Departures: BLIP-2's Q-Former uses cross-attention every second layer; EM3 (and this module)
+uses self-attention only. EM3 reads token-level states of Swin / RoBERTa; the per-layer
+pooled rows are what IISAN's cache holds (token states would need ``pooling="tokens"``).
+Shapes: N items, Q queries, M image rows, K text rows, d fusion width. Errors: ConfigError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FusionQFormerConfig:
+    """Settings of :class:`FusionQFormer`.
+
+    Attributes:
+        text_dim, image_dim, text_rows, image_rows: cached widths / rows (0 = absent).
+        d_model: fusion width d. n_queries: Q. n_layers, n_heads: TRM depth and heads.
+        dropout: attention / residual dropout. out_dim: item embedding width.
+        output: "flatten" (Q * d -> out_dim) or "mean" (mean of the Q outputs -> out_dim).
+        init_std: N(0, std^2) init of queries, embeddings and linear weights.
+    Raises: ConfigError on invalid values.
+    """
+
+    text_dim: int = 0
+    image_dim: int = 0
+    text_rows: int = 0
+    image_rows: int = 0
+    d_model: int = 64
+    n_queries: int = 4
+    n_layers: int = 1
+    n_heads: int = 2
+    dropout: float = 0.1
+    out_dim: int = 64
+    output: Literal["flatten", "mean"] = "flatten"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_queries", "n_layers", "n_heads", "out_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"FusionQFormerConfig.{name} must be an int >= 1, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for m in ("text", "image"):
+            dim, rows = getattr(self, f"{m}_dim"), getattr(self, f"{m}_rows")
+            if dim < 0 or rows < 0 or (dim > 0) != (rows > 0):
+                raise ConfigError(f"{m} modality half configured: {m}_dim={dim}, {m}_rows={rows}")
+        if self.text_dim + self.image_dim == 0:
+            raise ConfigError("FusionQFormerConfig needs at least one modality")
+        if self.output not in ("flatten", "mean"):
+            raise ConfigError(f"output must be 'flatten' or 'mean', got {self.output!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class _Block(nn.Module):
+    """Bidirectional pre-LN transformer block (no mask: every token reads every token)."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.p = n_heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, T, d) -> (N, T, d)."""
+        N, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(N, T, 3, self.n_heads, d // self.n_heads) \
+            .permute(2, 0, 3, 1, 4)  # each (N, heads, T, d/heads)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(N, T, d)))  # (N, T, d)
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class FusionQFormer(nn.Module):
+    """Fusion-Q-Former item encoder (eq. 6) with the IISAN encoder interface."""
+
+    def __init__(self, cfg: FusionQFormerConfig) -> None:
+        super().__init__()
+        self.cfg = c = cfg
+        d = c.d_model
+        self.queries = nn.Parameter(torch.empty(c.n_queries, d))
+        self.text_proj = nn.Linear(c.text_dim, d) if c.text_dim else None
+        self.image_proj = nn.Linear(c.image_dim, d) if c.image_dim else None
+        self.text_ln = nn.LayerNorm(d) if c.text_dim else None
+        self.image_ln = nn.LayerNorm(d) if c.image_dim else None
+        self.text_pos = nn.Parameter(torch.empty(c.text_rows, d)) if c.text_dim else None
+        self.image_pos = nn.Parameter(torch.empty(c.image_rows, d)) if c.image_dim else None
+        self.type_emb = nn.Parameter(torch.empty(3, d))  # query / image / text
+        self.blocks = nn.ModuleList(_Block(d, c.n_heads, c.dropout) for _ in range(c.n_layers))
+        self.ln_out = nn.LayerNorm(d)
+        self.out = nn.Linear(d * (c.n_queries if c.output == "flatten" else 1), c.out_dim)
+        for p in (self.queries, self.text_pos, self.image_pos, self.type_emb):
+            if p is not None:
+                nn.init.normal_(p, 0.0, c.init_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, c.init_std)
+                nn.init.zeros_(m.bias)
+
+    def _tokens(self, name: str, h: Tensor | None, dim: int, rows: int) -> Tensor | None:
+        if (h is not None) != (dim > 0):
+            raise ConfigError(f"{name} hidden states {'given' if h is not None else 'missing'} "
+                              f"but the config has {name}_dim={dim}")
+        if h is None:
+            return None
+        if h.dim() != 3 or tuple(h.shape[1:]) != (rows, dim):
+            raise ConfigError(f"{name} hidden states must be (N, {rows}, {dim}), got "
+                              f"{tuple(h.shape)}")
+        proj, ln, pos = ((self.text_proj, self.text_ln, self.text_pos) if name == "text"
+                         else (self.image_proj, self.image_ln, self.image_pos))
+        kind = 2 if name == "text" else 1
+        return ln(proj(h.to(proj.weight.dtype))) + pos + self.type_emb[kind]  # (N, rows, d)
+
+    def forward(self, text_h: Tensor | None, image_h: Tensor | None) -> Tensor:
+        """Encode N items.
+
+        Args: text_h: (N, K, Dt) or None; image_h: (N, M, Di) or None (any float dtype).
+        Returns: (N, out_dim).
+        Raises: ConfigError if presence or shapes disagree with the config.
+        """
+        c = self.cfg
+        v = self._tokens("image", image_h, c.image_dim, c.image_rows)
+        t = self._tokens("text", text_h, c.text_dim, c.text_rows)
+        n = (v if v is not None else t).shape[0]
+        q = (self.queries + self.type_emb[0]).expand(n, -1, -1)  # (N, Q, d)
+        x = torch.cat([p for p in (q, v, t) if p is not None], dim=1)  # (N, Q + M + K, d)
+        for block in self.blocks:
+            x = block(x)
+        y = self.ln_out(x[:, :c.n_queries])  # (N, Q, d)
+        y = y.reshape(n, -1) if c.output == "flatten" else y.mean(1)  # (N, Q*d) or (N, d)
+        return self.out(y)  # (N, out_dim)

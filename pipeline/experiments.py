@@ -1,0 +1,495 @@
+"""The seed papers' comparisons as named grids of training runs on one cache.
+
+Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run once):
+
+* ``modality`` - ID only, text only, image only, text + image (IISAN-Versa table V, the
+  LMM-encoder study's frozen-feature comparison);
+* ``iisan`` - IISAN-VS/VA and its ablations (IISAN-Versa table VI): frozen backbone (the
+  frozen top features fused by the linear layer alone, i.e. concat-and-project), without
+  LayerDrop (every hidden state: needs all-layer stores), without gates, without intra-
+  and without inter-modal SANs;
+* ``fusion`` - fMRLRec concat-and-project, IISAN, EM3 Fusion-Q-Former, and content + ID
+  tables with and without EM3's CIC loss;
+* ``seq`` - SASRec, LRURec, GRU4Rec on item IDs; VBPR (BPR, cached features; seed 001);
+  EM3 LoRA: an LRURec trained on short windows, then frozen and continued with LoRA on the
+  full windows;
+* ``mrl`` - fMRLRec: one Matryoshka LRURec training (concat-and-project items) evaluated
+  at every size against LRURecs trained independently at each size;
+* ``all`` - every grid; ``smoke`` - one cell of each code path (for tests).
+
+Every (cell, seed) writes a checkpoint under ``<out>/runs/<cell>-s<seed>`` and is skipped on
+a re-run when its ``metrics.json`` exists for the identical resolved config (so an
+interrupted grid resumes). Results: ``runs.csv`` (one row per run, size, split, subset,
+metric), ``results.csv`` (mean, std, n over seeds), ``results.md`` (one table per grid:
+test NDCG@10 / HR@10 for all users, cold and warm targets, mean +- std) and one PNG plot per
+grid under ``<out>/plots``. The popularity baseline is added to every table.
+
+Nothing here imports Prefect: ``flows/experiments.py`` wraps these functions as tasks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import ConfigError
+from pipeline.evaluate import EvalConfig
+from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
+
+log = logging.getLogger(__name__)
+
+TEXT, IMAGE, TEXT_ALL, IMAGE_ALL = "@text", "@image", "@text_all", "@image_all"
+STORE_KEYS = {TEXT: "text_store", IMAGE: "image_store", TEXT_ALL: "text_store_all",
+              IMAGE_ALL: "image_store_all"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of a grid.
+
+    Attributes:
+        id: unique name (run folders are ``<id>-s<seed>``). label: table / plot label.
+        overrides: TrainConfig fields; store values are the placeholders ``@text``,
+            ``@image``, ``@text_all``, ``@image_all``; ``"@mrl"`` for ``sizes`` and
+            ``"@mrl_max"`` for ``hidden`` take the experiment's Matryoshka sizes.
+        lora_base: id of the cell (same seed) whose checkpoint this cell continues with LoRA.
+    """
+
+    id: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lora_base: str | None = None
+
+
+BOTH = {"text_store": TEXT, "image_store": IMAGE}
+CELLS: dict[str, Cell] = {c.id: c for c in [
+    Cell("sasrec-id", "SASRec, item ID"),
+    Cell("iisan-text", "IISAN, text only", {"item_encoder": "iisan", "text_store": TEXT}),
+    Cell("iisan-image", "IISAN, image only (random ViT)",
+         {"item_encoder": "iisan", "image_store": IMAGE}),
+    Cell("iisan", "IISAN, text + image", {"item_encoder": "iisan", **BOTH}),
+    Cell("concat", "concat-and-project (fMRLRec eq. 7) = frozen backbone",
+         {"item_encoder": "concat", **BOTH}),
+    Cell("iisan-no-layerdrop", "IISAN w/o LayerDrop (all hidden states)",
+         {"item_encoder": "iisan", "text_store": TEXT_ALL, "image_store": IMAGE_ALL}),
+    Cell("iisan-no-gates", "IISAN w/o modality gates",
+         {"item_encoder": "iisan", "use_gates": False, **BOTH}),
+    Cell("iisan-no-intra", "IISAN w/o intra-modal SAN",
+         {"item_encoder": "iisan", "use_intra": False, **BOTH}),
+    Cell("iisan-no-inter", "IISAN w/o inter-modal SAN",
+         {"item_encoder": "iisan", "use_inter": False, **BOTH}),
+    Cell("qformer", "Fusion-Q-Former (EM3)", {"item_encoder": "qformer", **BOTH}),
+    Cell("concat-id", "concat + item ID", {"item_encoder": "concat", "use_id": True, **BOTH}),
+    Cell("concat-id-cic", "concat + item ID + CIC",
+         {"item_encoder": "concat", "use_id": True, "cic_weight": 0.1, **BOTH}),
+    Cell("qformer-id", "Fusion-Q-Former + item ID",
+         {"item_encoder": "qformer", "use_id": True, **BOTH}),
+    Cell("qformer-id-cic", "Fusion-Q-Former + item ID + CIC",
+         {"item_encoder": "qformer", "use_id": True, "cic_weight": 0.1, **BOTH}),
+    Cell("lru-id", "LRURec, item ID", {"seq_model": "lru"}),
+    Cell("gru4rec-id", "GRU4Rec, item ID", {"seq_model": "gru4rec"}),
+    Cell("lru-id-short", "LRURec, item ID, short windows (LoRA base)",
+         {"seq_model": "lru", "max_len": "@short"}),
+    Cell("lru-id-lora", "LRURec short + LoRA on full windows (EM3)",
+         {"seq_model": "lru"}, lora_base="lru-id-short"),
+    Cell("vbpr", "VBPR (BPR, text + image features)",
+         {"seq_model": "vbpr", "loss": "bpr", **BOTH}),
+    Cell("mrl-lru", "fMRLRec: Matryoshka LRURec, one training",
+         {"seq_model": "lru", "item_encoder": "concat", "sizes": "@mrl", "hidden": "@mrl_max",
+          **BOTH}),
+]}
+
+GRIDS: dict[str, list[str]] = {
+    "modality": ["sasrec-id", "iisan-text", "iisan-image", "iisan"],
+    "iisan": ["iisan", "concat", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
+              "iisan-no-inter"],
+    "fusion": ["concat", "iisan", "qformer", "concat-id", "concat-id-cic", "qformer-id",
+               "qformer-id-cic"],
+    "seq": ["sasrec-id", "lru-id", "gru4rec-id", "lru-id-short", "lru-id-lora", "vbpr"],
+    "mrl": ["mrl-lru", "@independent"],
+    "smoke": ["sasrec-id", "iisan-no-layerdrop", "qformer-id-cic", "gru4rec-id", "lru-id-lora",
+              "vbpr", "mrl-lru", "@independent"],
+}
+GRID_ORDER = ("modality", "iisan", "fusion", "seq", "mrl")
+GRIDS["all"] = [c for g in GRID_ORDER for c in GRIDS[g]]
+
+
+def independent_cell(size: int) -> Cell:
+    """An LRURec of width ``size`` trained on its own (fMRLRec's baseline for each size)."""
+    return Cell(f"lru-concat-d{size}", f"LRURec d={size}, independent",
+                {"seq_model": "lru", "item_encoder": "concat", "hidden": size, **BOTH})
+
+
+class ExperimentConfig(BaseModel):
+    """One grid run.
+
+    Fields:
+        grid: a name of ``GRIDS``. tables_dir: interactions / items tables.
+        out_dir: ``runs/``, ``plots/`` and the result tables go here.
+        text_store, image_store: the LayerDrop stores (stage 1).
+        text_store_all, image_store_all: stores with every hidden state (for the
+            "without LayerDrop" cell; required only by grids that contain it).
+        seeds: one run per seed and cell. max_epochs, patience, batch_size, lr: shared
+            training budget (every cell gets the same). mrl_sizes: Matryoshka sizes of the
+            ``mrl`` grid (the independent LRURecs use the same sizes). short_len: window of
+            the LoRA base run (the LoRA run uses ``train.max_len``).
+        train: further TrainConfig fields applied to every cell before the cell's own
+            overrides (e.g. ``{"adapter_dim": 8}`` for a tiny test run).
+        eval: evaluation settings (history-exclusion rule reported with every number).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grid: str
+    tables_dir: Path
+    out_dir: Path
+    text_store: Path | None = None
+    image_store: Path | None = None
+    text_store_all: Path | None = None
+    image_store_all: Path | None = None
+    seeds: tuple[int, ...] = (1, 2)
+    max_epochs: int = Field(default=20, ge=1)
+    patience: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    mrl_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    short_len: int = Field(default=10, ge=2)
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalConfig = EvalConfig()
+
+
+def grid_cells(exp: ExperimentConfig) -> list[Cell]:
+    """The cells of ``exp.grid`` in order, ``@independent`` expanded to one cell per size and
+    the base run of a LoRA cell inserted before it.
+
+    Raises: ConfigError for an unknown grid.
+    """
+    if exp.grid not in GRIDS:
+        raise ConfigError(f"unknown grid {exp.grid!r}; known: {sorted(GRIDS)}")
+    out: list[Cell] = []
+    for cid in GRIDS[exp.grid]:
+        cells = ([independent_cell(s) for s in exp.mrl_sizes] if cid == "@independent"
+                 else [CELLS[cid]])
+        for c in cells:
+            if c.lora_base is not None and c.lora_base not in {o.id for o in out}:
+                out.append(CELLS[c.lora_base])  # a LoRA cell's base run is part of the grid
+            if c.id not in {o.id for o in out}:
+                out.append(c)
+    return out
+
+
+def needed_stores(exp: ExperimentConfig) -> set[str]:
+    """ExperimentConfig store fields the grid's cells use (e.g. {"text_store", ...})."""
+    need = set()
+    for cell in grid_cells(exp):
+        for v in cell.overrides.values():
+            if isinstance(v, str) and v in STORE_KEYS:
+                need.add(STORE_KEYS[v])
+    return need
+
+
+def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
+            lora_from: Path | None = None) -> TrainConfig:
+    """The TrainConfig of one (cell, seed).
+
+    Raises: ConfigError if a store the cell needs is not configured.
+    """
+    base: dict[str, Any] = dict(
+        tables_dir=exp.tables_dir, out_dir=exp.out_dir / "runs", max_epochs=exp.max_epochs,
+        patience=exp.patience, batch_size=exp.batch_size, lr=exp.lr, seed=seed, eval=exp.eval)
+    base.update(exp.train)
+    for k, v in cell.overrides.items():
+        if isinstance(v, str) and v in STORE_KEYS:
+            path = getattr(exp, STORE_KEYS[v])
+            if path is None:
+                raise ConfigError(f"cell {cell.id!r} needs {STORE_KEYS[v]} (not configured)")
+            v = path
+        elif v == "@mrl":
+            v = tuple(exp.mrl_sizes)
+        elif v == "@mrl_max":
+            v = max(exp.mrl_sizes)
+        elif v == "@short":
+            v = exp.short_len
+        base[k] = v
+    if cell.lora_base is not None:
+        base["lora_from"] = lora_from
+    return TrainConfig(name=f"{cell.id}-s{seed}", **base)
+
+
+def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return saved == json.loads(cfg.model_dump_json()) and (run_dir / "metrics.json").exists()
+
+
+def run_cell(exp: ExperimentConfig, cell: Cell, seed: int) -> dict[str, Any]:
+    """Train (unless an identical finished run exists) and evaluate one (cell, seed).
+
+    Returns: {"cell", "label", "seed", "reused", "summary": train summary, "metrics":
+        evaluate_checkpoint output}.
+    """
+    lora_from = None
+    if cell.lora_base is not None:
+        lora_from = exp.out_dir / "runs" / f"{cell.lora_base}-s{seed}"
+        if not (lora_from / "metrics.json").exists():
+            run_cell(exp, CELLS[cell.lora_base], seed)
+    cfg = resolve(exp, cell, seed, lora_from)
+    run_dir = cfg.out_dir / cfg.name
+    reused = _same_config(run_dir, cfg) and (run_dir / "train_summary.json").exists()
+    if reused:
+        summary = json.loads((run_dir / "train_summary.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        log.info("reusing %s (identical config, finished)", run_dir)
+    else:
+        summary = train(cfg)
+        metrics = evaluate_checkpoint(run_dir, device=cfg.device)
+    return {"cell": cell.id, "label": cell.label, "seed": seed, "reused": reused,
+            "summary": summary, "metrics": metrics}
+
+
+def run_cell_by_id(exp: ExperimentConfig, cell_id: str, seed: int,
+                   threads: int | None = None) -> dict[str, Any]:
+    """:func:`run_cell` for a cell named by id (picklable entry point for worker processes).
+
+    Args: threads: if given, torch uses this many threads during the run (restored after).
+    """
+    import torch
+    cell = next((c for c in grid_cells(exp) if c.id == cell_id), None) or CELLS.get(cell_id)
+    if cell is None:
+        raise ConfigError(f"unknown cell {cell_id!r} in grid {exp.grid!r}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return run_cell(exp, cell, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- results
+
+RUN_COLUMNS = ["cell", "label", "seed", "size", "split", "subset", "metric", "value", "n_users",
+               "exclude", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "params"]
+
+
+def run_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Long-format rows of one run: every size x split x subset x metric."""
+    s, m = result["summary"], result["metrics"]
+    rows = []
+    for size, per_split in m["by_size"].items():
+        for split, subsets in per_split.items():
+            for subset, metrics in subsets.items():
+                for metric, value in metrics.items():
+                    if metric == "n_users":
+                        continue
+                    rows.append({"cell": result["cell"], "label": result["label"],
+                                 "seed": result["seed"], "size": int(size), "split": split,
+                                 "subset": subset, "metric": metric, "value": value,
+                                 "n_users": metrics["n_users"], "exclude": m["exclude"],
+                                 "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
+                                 "seconds": s["seconds"],
+                                 "seconds_per_epoch": s["seconds_per_epoch"],
+                                 "params": s.get("params_effective", s["params"])})
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per (cell, size, split, subset, metric)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["cell"], r["size"], r["split"], r["subset"], r["metric"]),
+                          []).append(r)
+    out = []
+    for (cell, size, split, subset, metric), rs in groups.items():
+        mean, std = _mean_std([float(r["value"]) for r in rs])
+        sec, _ = _mean_std([float(r["seconds"]) for r in rs])
+        spe, _ = _mean_std([float(r["seconds_per_epoch"]) for r in rs])
+        ep, _ = _mean_std([float(r["best_epoch"]) for r in rs])
+        out.append({"cell": cell, "label": rs[0]["label"], "size": size, "split": split,
+                    "subset": subset, "metric": metric, "mean": mean, "std": std, "n": len(rs),
+                    "n_users": rs[0]["n_users"], "exclude": rs[0]["exclude"],
+                    "seconds": sec, "seconds_per_epoch": spe, "best_epoch": ep,
+                    "params": rs[0]["params"]})
+    return out
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentConfig,
+                    pop: dict[str, Any] | None = None) -> str:
+    """One markdown table per grid of ``grid`` (test split; all / cold / warm targets)."""
+    idx = {(s["cell"], s["size"], s["split"], s["subset"], s["metric"]): s for s in summary}
+    grids = GRID_ORDER if grid == "all" else (grid,)
+    lines: list[str] = []
+    cold_n = next((s["n_users"] for s in summary if s["split"] == "test"
+                   and s["subset"] == "cold"), None)
+    all_n = next((s["n_users"] for s in summary if s["split"] == "test"
+                  and s["subset"] == "all"), None)
+    for g in grids:
+        sub = exp.model_copy(update={"grid": g})
+        cells = grid_cells(sub)
+        lines += [f"#### grid `{g}`", "",
+                  "| cell | size | NDCG@10 | HR@10 | NDCG@10 cold | NDCG@10 warm | best epoch "
+                  "| s/epoch | params |", "|---|---|---|---|---|---|---|---|---|"]
+        if pop is not None:
+            p = pop["test"]
+            lines.append(f"| popularity | - | {p['all']['NDCG@10']:.4f} | {p['all']['HR@10']:.4f} "
+                         f"| {p['cold'].get('NDCG@10', float('nan')):.4f} "
+                         f"| {p['warm'].get('NDCG@10', float('nan')):.4f} | - | - | 0 |")
+        for c in cells:
+            sizes = sorted({s["size"] for s in summary if s["cell"] == c.id})
+            for size in sizes:
+                def get(subset: str, metric: str) -> str:
+                    s = idx.get((c.id, size, "test", subset, metric))
+                    return _fmt(s["mean"], s["std"], s["n"]) if s else "n/a"
+                a = idx.get((c.id, size, "test", "all", "NDCG@10"))
+                if a is None:
+                    continue
+                lines.append(f"| {c.label} | {size} | {get('all', 'NDCG@10')} | "
+                             f"{get('all', 'HR@10')} | {get('cold', 'NDCG@10')} | "
+                             f"{get('warm', 'NDCG@10')} | {a['best_epoch']:.1f} | "
+                             f"{a['seconds_per_epoch']:.2f} | {a['params']:,} |")
+        lines.append("")
+    n_seeds = max((s["n"] for s in summary), default=0)
+    lines.append(f"Test split, full ranking over all items, leave-one-out; mean ± sample std "
+                 f"over {n_seeds} seed(s) {tuple(exp.seeds)}; history exclusion "
+                 f"`{exp.eval.exclude}`; cold = target item with <= "
+                 f"{exp.train.get('cold_threshold', 20)} training interactions "
+                 f"({cold_n} of {all_n} test users). Budget: max {exp.max_epochs} epochs, "
+                 f"patience {exp.patience}, batch {exp.batch_size}, lr {exp.lr}.")
+    return "\n".join(lines)
+
+
+def plot_grid(summary: list[dict[str, Any]], exp: ExperimentConfig, grid: str,
+              path: Path) -> Path:
+    """Bar chart (test NDCG@10, all / cold / warm, mean ± std) or, for ``mrl``, the
+    quality-by-size curve (one Matryoshka training vs independent trainings)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = {(s["cell"], s["size"], s["split"], s["subset"], s["metric"]): s for s in summary}
+    cells = grid_cells(exp.model_copy(update={"grid": grid}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if grid == "mrl":
+        fig, ax = plt.subplots(figsize=(6, 4))
+        mrl = [c for c in cells if c.id == "mrl-lru"][0]
+        sizes = sorted({s["size"] for s in summary if s["cell"] == mrl.id})
+        for subset, style in (("all", "-"), ("cold", ":")):
+            pts = [(z, idx.get((mrl.id, z, "test", subset, "NDCG@10"))) for z in sizes]
+            pts = [(z, s) for z, s in pts if s]
+            ax.errorbar([z for z, _ in pts], [s["mean"] for _, s in pts],
+                        yerr=[s["std"] for _, s in pts], fmt="o" + style, capsize=3,
+                        label=f"Matryoshka, one training ({subset})")
+            ind = [(int(c.overrides["hidden"]), idx.get((c.id, int(c.overrides["hidden"]),
+                                                          "test", subset, "NDCG@10")))
+                   for c in cells if c.id.startswith("lru-concat-d")]
+            ind = [(z, s) for z, s in ind if s]
+            ax.errorbar([z for z, _ in ind], [s["mean"] for _, s in ind],
+                        yerr=[s["std"] for _, s in ind], fmt="s" + style, capsize=3,
+                        label=f"independent trainings ({subset})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("model width (Matryoshka size)")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title("fMRLRec: quality by size")
+        ax.legend(fontsize=7)
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cells)), 4))
+        width = 0.27
+        for k, subset in enumerate(("all", "cold", "warm")):
+            xs, ys, es = [], [], []
+            for i, c in enumerate(cells):
+                size = max((s["size"] for s in summary if s["cell"] == c.id), default=None)
+                s = idx.get((c.id, size, "test", subset, "NDCG@10"))
+                if s:
+                    xs.append(i + (k - 1) * width)
+                    ys.append(s["mean"])
+                    es.append(s["std"])
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=subset)
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels([c.label for c in cells], rotation=25, ha="right", fontsize=7)
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"grid '{grid}' (mean ± std over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """Write runs.csv, results.csv, results.md and the plots; returns their paths."""
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for res in results for r in run_rows(res)]
+    with open(exp.out_dir / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows)
+    with open(exp.out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    pop = popularity_breakdown(exp)
+    md = markdown_tables(summary, exp.grid, exp, pop)
+    if seconds is not None:
+        md += f" Wall time of this grid run: {seconds / 60:.1f} min."
+    (exp.out_dir / "results.md").write_text(md + "\n")
+    grids = GRID_ORDER if exp.grid == "all" else (exp.grid,)
+    plots = [str(plot_grid(summary, exp, g, exp.out_dir / "plots" / f"{g}.png"))
+             for g in grids if g != "smoke"]
+    if exp.grid == "smoke":
+        plots = [str(plot_grid(summary, exp, "smoke", exp.out_dir / "plots" / "smoke.png"))]
+    return {"runs_csv": str(exp.out_dir / "runs.csv"),
+            "results_csv": str(exp.out_dir / "results.csv"),
+            "results_md": str(exp.out_dir / "results.md"), "plots": plots, "markdown": md}
+
+
+def popularity_breakdown(exp: ExperimentConfig) -> dict[str, Any]:
+    """Popularity baseline with the same all / cold / warm breakdown (test and valid)."""
+    import numpy as np
+
+    from pipeline.evaluate import popularity_scores
+    from pipeline.split import build_split
+    from pipeline.train import breakdown, rank_examples
+    from stores.tables import read_tables
+    tables = read_tables(exp.tables_dir)
+    split = build_split(tables.interactions, tables.items["item_id"].to_numpy())
+    scores = popularity_scores(split)
+    fn = lambda hist, users: [scores.expand(hist.shape[0], -1).clone()]  # noqa: E731
+    ecfg = exp.eval
+    cold = int(exp.train.get("cold_threshold", 20))
+    out = {}
+    for stage in ("valid", "test"):
+        ranks, targets = rank_examples(fn, split, stage, ecfg)
+        out[stage] = breakdown(ranks[0], np.asarray(targets), split.train_item_counts(),
+                               cold, ecfg.ks)
+    out["reference"] = popularity(exp.tables_dir, ecfg)["test"]
+    return out
+
+
+def run_grid(exp: ExperimentConfig) -> dict[str, Any]:
+    """Every (cell, seed) of the grid in order, then the result files (no Prefect)."""
+    t0 = time.perf_counter()
+    results = [run_cell(exp, c, s) for c in grid_cells(exp) for s in exp.seeds]
+    return write_results(results, exp, time.perf_counter() - t0)

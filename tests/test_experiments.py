@@ -1,0 +1,144 @@
+"""The experiments flow at a tiny size on stores built from the real data slice, plus the
+training / evaluation contracts it relies on (config validation, ranks vs evaluate, LoRA)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.train import (TrainConfig, breakdown, evaluate_checkpoint, load_checkpoint,
+                            rank_examples, score_fn_for, train)
+
+TINY = {"hidden": 16, "adapter_dim": 8, "qformer_dim": 16, "vbpr_factors": 4, "max_len": 8}
+
+
+def _image_store(tables: Path, path: Path, layers: tuple[int, ...]) -> Path:
+    """A synthetic image store (random 'ViT' states) for the slice's items."""
+    from stores.hidden_states import StoreSpec, writer
+    from stores.tables import items_fingerprint, read_items
+    items = read_items(tables).sort_values("item_id")
+    ids = items["item_id"].to_numpy()
+    spec = StoreSpec(items_fingerprint=items_fingerprint(items), modality="image",
+                     library="open_clip", model_id="synthetic-vit", weights_fingerprint="0" * 64,
+                     pretrained=False, num_model_layers=6, layer_indices=layers,
+                     layer_policy="all" if len(layers) == 7 else "symmetric", pooling="cls",
+                     max_length=None, image_size=32, hidden_dim=24)
+    data = np.random.default_rng(len(layers)).standard_normal(
+        (len(ids), len(layers), 24)).astype(np.float32)
+    with writer(path, spec, ids, items_per_shard=64) as st:
+        for s in st.pending_shards():
+            a, b = st.shard_range(s)
+            st.write_shard(s, data[a:b])
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(small_tables, tmp_path_factory):
+    """Text stores cached from the slice with MiniLM (LayerDrop and all layers) + synthetic
+    image stores."""
+    from flows.experiments import all_layer_spec
+    from pipeline.cache import CacheConfig, cache_all, store_path
+    from pipeline.encoders import preset
+    d = tmp_path_factory.mktemp("stores")
+    out = {}
+    for key, spec in (("text_store", preset("minilm")), ("text_store_all", all_layer_spec("minilm"))):
+        cfg = CacheConfig(tables_dir=small_tables, store_dir=d, encoder=spec, items_per_shard=64)
+        cache_all(cfg)
+        out[key] = store_path(cfg)
+    out["image_store"] = _image_store(small_tables, d / "image__syn__cls.zarr", (0, 2, 4, 6))
+    out["image_store_all"] = _image_store(small_tables, d / "image__syn-all__cls.zarr",
+                                          tuple(range(7)))
+    return out
+
+
+@pytest.mark.slow
+def test_experiments_flow_smoke_grid(small_tables, stores, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "results"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.experiments import experiments_flow
+    from pipeline.experiments import ExperimentConfig, grid_cells
+    out = tmp_path / "exp"
+    kw = dict(grid="smoke", tables_dir=str(small_tables), out_dir=str(out), store_dir=None,
+              text_store=str(stores["text_store"]), image_store=str(stores["image_store"]),
+              text_store_all=str(stores["text_store_all"]),
+              image_store_all=str(stores["image_store_all"]), seeds=[1, 2], max_epochs=1,
+              patience=1, batch_size=32, mrl_sizes=[8, 16], short_len=4, train=TINY)
+    with prefect_test_harness():
+        res = experiments_flow(**kw)
+        cells = grid_cells(ExperimentConfig(grid="smoke", tables_dir=small_tables, out_dir=out,
+                                            mrl_sizes=(8, 16)))
+        # one mean +- std row per cell, size, split, subset, metric; n = 2 seeds
+        summary = list(csv.DictReader(open(out / "results.csv")))
+        # the LoRA base cell runs first (for the same seed) and is reported too
+        assert {r["cell"] for r in summary} == {c.id for c in cells} | {"lru-id-short"}
+        assert all(r["n"] == "2" and r["exclude"] == "all" for r in summary)
+        mrl = {int(r["size"]) for r in summary if r["cell"] == "mrl-lru"}
+        assert mrl == {8, 16}  # every Matryoshka size evaluated
+        for r in summary:
+            assert 0.0 <= float(r["mean"]) <= 1.0 and float(r["std"]) >= 0.0
+        md = (out / "results.md").read_text()
+        assert "| popularity |" in md and "Fusion-Q-Former + item ID + CIC" in md
+        assert "history exclusion `all`" in md
+        png = Path(res["plots"][0])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # cold + warm users partition the test users
+        m = json.loads((out / "runs" / "iisan-no-layerdrop-s1" / "metrics.json").read_text())
+        t = m["by_size"]["16"]["test"]
+        assert t["cold"]["n_users"] + t["warm"]["n_users"] == t["all"]["n_users"] > 0
+        # the LoRA run continued the short-window base run: same keys, same frozen item table
+        from safetensors.torch import load_file
+        base = load_file(str(out / "runs" / "lru-id-short-s1" / "model.safetensors"))
+        lora = load_file(str(out / "runs" / "lru-id-lora-s1" / "model.safetensors"))
+        assert set(base) == set(lora)
+        torch.testing.assert_close(base["item_table.emb.weight"], lora["item_table.emb.weight"])
+        assert any(not torch.equal(base[k], lora[k]) for k in base if k.startswith("seq_model"))
+        summ = json.loads((out / "runs" / "lru-id-lora-s1" / "train_summary.json").read_text())
+        assert summ["params"] == summ["lora_params"] > 0
+        # a second run reuses every finished run
+        before = (out / "runs" / "sasrec-id-s1" / "model.safetensors").stat().st_mtime_ns
+        experiments_flow(**kw)
+        assert (out / "runs" / "sasrec-id-s1" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_rank_breakdown_matches_evaluate_and_config_checks(small_tables, stores, tmp_path):
+    cfg = TrainConfig(name="q", tables_dir=small_tables, out_dir=tmp_path, item_encoder="qformer",
+                      use_id=True, cic_weight=0.5, text_store=stores["text_store"],
+                      image_store=stores["image_store"], max_epochs=2, batch_size=4, **TINY)
+    r = train(cfg)
+    assert r["epochs_run"] == 2 and (tmp_path / "q" / "history.csv").exists()
+    m = evaluate_checkpoint(tmp_path / "q", EvalConfig(exclude="window"))
+    assert m["exclude"] == "window"
+    _, model, split = load_checkpoint(tmp_path / "q")
+    ecfg = EvalConfig(exclude="window", max_len=8)
+    ref = evaluate(model.score_last, split, "test", ecfg)
+    ranks, targets = rank_examples(score_fn_for(model), split, "test", ecfg)
+    b = breakdown(ranks[0], targets, split.train_item_counts(), 20, ecfg.ks)
+    for k in ("HR@10", "NDCG@10", "MRR"):
+        assert b["all"][k] == pytest.approx(ref[k]) == pytest.approx(m["test"][k])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(item_encoder="iisan"), "needs text_store"),
+    (dict(text_store="x.zarr"), "reads no store"),
+    (dict(use_id=True), "content encoder"),
+    (dict(item_encoder="concat", text_store="x.zarr", cic_weight=0.1), "use_id"),
+    (dict(seq_model="gru4rec", sizes=(8, 16), hidden=16), "sasrec and lru"),
+    (dict(seq_model="lru", sizes=(8, 32), hidden=16), "ascending"),
+    (dict(seq_model="sasrec", sizes=(3, 16), hidden=16), "divisible"),
+    (dict(seq_model="vbpr", text_store="x.zarr"), "loss='bpr'"),
+    (dict(seq_model="vbpr", loss="bpr"), "needs text_store"),
+    (dict(seq_model="lru", sizes=(8, 16), hidden=16, lora_from="x"), "LoRA"),
+    (dict(monitor="NDCG@7"), "monitor"),
+    (dict(lru_r_min=0.9, lru_r_max=0.5), "lru_r_min"),
+])
+def test_train_config_rejects_invalid_combinations(kw, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(name="x", tables_dir=tmp_path, out_dir=tmp_path, **kw)
