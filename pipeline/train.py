@@ -281,15 +281,14 @@ def load_cached(store: Path, layers: tuple[int, ...] | None, items_fp: str,
         from pipeline.errors import StoreMismatchError
         raise StoreMismatchError("items_fingerprint", items_fp, st.spec.items_fingerprint,
                                  store=str(store))
-    if not np.array_equal(st.item_ids, item_ids):
-        from pipeline.errors import StoreMismatchError
-        raise StoreMismatchError("item_id", f"{len(item_ids)} catalogue items",
-                                 f"{st.num_items} stored rows", store=str(store))
-    data = st.read(layers=layers)
+    # rows are aligned to the catalogue by item id: a grown store keeps rows in order of
+    # addition (UnknownItemError names a catalogue item the store does not hold)
     if st.spec.dtype == "bfloat16":
         from stores.hidden_states import bf16_bits_to_float32
-        data = bf16_bits_to_float32(data)
-    return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float16), st.spec
+        data = bf16_bits_to_float32(st.read(layers=layers)[st.rows_for(item_ids)])
+        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float16), st.spec
+    from stores.reader import load_hidden_states
+    return load_hidden_states(st, layers, item_ids=item_ids, dtype=torch.float16), st.spec
 
 
 def _load_stores(cfg: TrainConfig, tables, item_ids: np.ndarray
