@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 # show the pipeline package's own log lines (shard progress, epochs) in Prefect's output
 export PREFECT_LOGGING_EXTRA_LOGGERS := pipeline
 
-.PHONY: setup demo test clean
+.PHONY: setup demo experiments test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
@@ -26,6 +26,12 @@ setup: $(VENV)/.installed
 ## make demo: the main job on the bundled MovieLens posters (outputs/demo/)
 demo: setup
 	$(PY) flows/pipeline.py --source data/movielens-5core --out outputs/demo
+
+## make experiments: the seed papers' comparisons on the demo stores (outputs/experiments/);
+## runs make demo first when its stores are missing; finished runs are reused on a re-run
+experiments: setup
+	test -f outputs/demo/report.md || $(MAKE) demo
+	$(PY) flows/experiments.py --grid all --workers 2
 
 ## make test: the test suite
 test: setup

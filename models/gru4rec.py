@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from pipeline.errors import ConfigError
+from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,8 @@ class GRU4RecConfig:
     dropout: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "n_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"GRU4RecConfig.{name} must be an int >= 1, got {v!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GRU4RecConfig.dropout must be in [0, 1), got {self.dropout}")
+        require_ints(self, ("hidden", "n_layers"))
+        require_fractions(self, ("dropout",))
 
 
 def _roll_rows(x: Tensor, shift: Tensor) -> Tensor:
@@ -53,7 +49,7 @@ def _roll_rows(x: Tensor, shift: Tensor) -> Tensor:
     return x.gather(1, idx.view(B, L, *([1] * (x.dim() - 2))).expand_as(x))
 
 
-class GRU4Rec(nn.Module):
+class GRU4Rec(SequenceEncoder):
     """GRU encoder with the :class:`models.sasrec.SASRec` interface."""
 
     def __init__(self, cfg: GRU4RecConfig) -> None:
@@ -71,23 +67,13 @@ class GRU4Rec(nn.Module):
         nn.init.xavier_normal_(self.dense.weight)
         nn.init.zeros_(self.dense.bias)
 
-    @property
-    def hidden(self) -> int:
-        return self.cfg.hidden
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return (self.cfg.hidden,)
-
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         """x: (B, L, D) left-padded embeddings, pad_mask: (B, L) bool -> (B, L, D).
 
         Rows at padding positions are zero. Raises ConfigError for shape mismatches.
         """
+        check_sequence_inputs("GRU4Rec", x, pad_mask, self.cfg.hidden)
         B, L, D = x.shape
-        if D != self.cfg.hidden or tuple(pad_mask.shape) != (B, L):
-            raise ConfigError(f"GRU4Rec expects x (B, L, {self.cfg.hidden}) and pad_mask (B, L);"
-                              f" got {tuple(x.shape)} and {tuple(pad_mask.shape)}")
         keep = ~pad_mask.bool()  # (B, L)
         lengths = keep.sum(1)  # (B,)
         n_pad = L - lengths

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
+from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
 
 
@@ -81,13 +82,8 @@ class LRUConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "n_layers", "state_mult"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"LRUConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("dropout", "lru_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"LRUConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        require_ints(self, ("hidden", "n_layers", "state_mult"))
+        require_fractions(self, ("dropout", "lru_dropout"))
         if not 0.0 <= self.r_min < self.r_max < 1.0:
             raise ConfigError(f"LRU ring radii need 0 <= r_min < r_max < 1, got "
                               f"r_min={self.r_min}, r_max={self.r_max}")
@@ -218,7 +214,7 @@ class LRUBlock(nn.Module):
         return x_t + self.ffn(x_t), h
 
 
-class LRURec(nn.Module):
+class LRURec(SequenceEncoder):
     """Stack of LRU blocks over already-embedded, LEFT-padded item sequences.
 
     Same interface as :class:`models.sasrec.SASRec`: ``forward(x, pad_mask) -> (B, L, D)``;
@@ -233,17 +229,12 @@ class LRURec(nn.Module):
         self.blocks = nn.ModuleList(LRUBlock(cfg) for _ in range(cfg.n_layers))
 
     @property
-    def hidden(self) -> int:
-        return self.cfg.hidden
-
-    @property
     def sizes(self) -> tuple[int, ...]:
+        """The Matryoshka sizes, ascending, the last = D ((D,) without nesting)."""
         return self.cfg.all_sizes
 
     def _check(self, x: Tensor, pad_mask: Tensor) -> None:
-        if x.dim() != 3 or x.shape[2] != self.cfg.hidden or tuple(pad_mask.shape) != x.shape[:2]:
-            raise ConfigError(f"LRURec expects x (B, L, {self.cfg.hidden}) and pad_mask (B, L); "
-                              f"got {tuple(x.shape)} and {tuple(pad_mask.shape)}")
+        check_sequence_inputs("LRURec", x, pad_mask, self.cfg.hidden)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         """Parallel-scan encoding (training and batch scoring).

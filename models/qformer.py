@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
+from .common import require_fractions, require_ints
+
 
 @dataclass(frozen=True)
 class FusionQFormerConfig:
@@ -62,10 +64,7 @@ class FusionQFormerConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_queries", "n_layers", "n_heads", "out_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"FusionQFormerConfig.{name} must be an int >= 1, got {v!r}")
+        require_ints(self, ("d_model", "n_queries", "n_layers", "n_heads", "out_dim"))
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         for m in ("text", "image"):
@@ -76,8 +75,7 @@ class FusionQFormerConfig:
             raise ConfigError("FusionQFormerConfig needs at least one modality")
         if self.output not in ("flatten", "mean"):
             raise ConfigError(f"output must be 'flatten' or 'mean', got {self.output!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_fractions(self, ("dropout",))
 
 
 class _Block(nn.Module):

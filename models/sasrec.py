@@ -44,6 +44,8 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
+from .common import (SequenceEncoder, check_sequence_inputs, init_normal_, require_fractions,
+                     require_ints)
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
 
 
@@ -71,17 +73,11 @@ class SASRecConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "max_len", "n_layers", "n_heads", "inner_mult"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"SASRecConfig.{name} must be an int >= 1, got {v!r}")
+        require_ints(self, ("hidden", "max_len", "n_layers", "n_heads", "inner_mult"))
         if self.hidden % self.n_heads:
             raise ConfigError(f"SASRecConfig.hidden={self.hidden} is not divisible by "
                               f"n_heads={self.n_heads}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"SASRecConfig.{name} must be in [0, 1), "
-                                  f"got {getattr(self, name)!r}")
+        require_fractions(self, ("dropout", "attn_dropout"))
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("SASRecConfig.layer_norm_eps and init_std must be > 0")
 
@@ -98,6 +94,23 @@ def attention_mask(pad_mask: Tensor) -> Tensor:
     eye = torch.eye(L, dtype=torch.bool, device=pad_mask.device)
     causal = torch.ones(L, L, dtype=torch.bool, device=pad_mask.device).tril()
     return (causal & (~pad_mask.bool()[:, None, :] | eye))[:, None]  # (B, 1, L, L)
+
+
+def _encode(model: nn.Module, x: Tensor, pad_mask: Tensor) -> Tensor:
+    """The SASRec forward pass shared by :class:`SASRec` and :class:`MatryoshkaSASRec`.
+
+    x: (B, L, D), pad_mask: (B, L) bool -> (B, L, D); ``model`` has ``cfg``, ``pos``,
+    ``ln_in``, ``drop``, ``blocks`` and ``ln_out``. Raises ConfigError for bad shapes.
+    """
+    check_sequence_inputs(type(model).__name__, x, pad_mask, model.cfg.hidden, model.cfg.max_len)
+    L = x.shape[1]
+    keep = ~pad_mask.bool()  # (B, L) True for real items
+    allowed = attention_mask(pad_mask)  # (B, 1, L, L)
+    h = model.drop(model.ln_in(x + model.pos.weight[model.cfg.max_len - L:]))  # (B, L, D)
+    h = h * keep[..., None]
+    for block in model.blocks:
+        h = block(h, allowed) * keep[..., None]  # (B, L, D)
+    return model.ln_out(h)
 
 
 class _Block(nn.Module):
@@ -125,7 +138,7 @@ class _Block(nn.Module):
         return h + self.drop(self.ffn(self.ln2(h)))
 
 
-class SASRec(nn.Module):
+class SASRec(SequenceEncoder):
     """SASRec encoder over already-embedded item sequences (see module docstring)."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
@@ -136,21 +149,7 @@ class SASRec(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, cfg.init_std)
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    @property
-    def hidden(self) -> int:
-        """Model width D."""
-        return self.cfg.hidden
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        """Output widths that are models of their own: only D (no Matryoshka nesting)."""
-        return (self.cfg.hidden,)
+        init_normal_(self, cfg.init_std)
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
         """Encode a left-padded sequence.
@@ -163,18 +162,7 @@ class SASRec(nn.Module):
             rows at padding positions are zero before the final LayerNorm (ignore them).
         Raises: ConfigError for shape mismatches or L > max_len.
         """
-        B, L, D = x.shape
-        if D != self.cfg.hidden or L > self.cfg.max_len or tuple(pad_mask.shape) != (B, L):
-            raise ConfigError(f"SASRec expects x (B, L<={self.cfg.max_len}, {self.cfg.hidden}) "
-                              f"and pad_mask (B, L); got {tuple(x.shape)} and "
-                              f"{tuple(pad_mask.shape)}")
-        keep = ~pad_mask.bool()  # (B, L) True for real items
-        allowed = attention_mask(pad_mask)  # (B, 1, L, L)
-        h = self.drop(self.ln_in(x + self.pos.weight[self.cfg.max_len - L:]))  # (B, L, D)
-        h = h * keep[..., None]
-        for block in self.blocks:
-            h = block(h, allowed) * keep[..., None]  # (B, L, D)
-        return self.ln_out(h)
+        return _encode(self, x, pad_mask)
 
 
 class _MatryoshkaBlock(nn.Module):
@@ -225,7 +213,7 @@ class _MatryoshkaBlock(nn.Module):
         return new
 
 
-class MatryoshkaSASRec(nn.Module):
+class MatryoshkaSASRec(SequenceEncoder):
     """SASRec with fMRLRec full-scale Matryoshka nesting (see module docstring).
 
     Args:
@@ -247,18 +235,11 @@ class MatryoshkaSASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_MatryoshkaBlock(cfg, self._sizes)
                                     for _ in range(cfg.n_layers))
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, cfg.init_std)
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    @property
-    def hidden(self) -> int:
-        return self.cfg.hidden
+        init_normal_(self, cfg.init_std)
 
     @property
     def sizes(self) -> tuple[int, ...]:
+        """The Matryoshka sizes, ascending, the last = D."""
         return self._sizes
 
     def forward(self, x: Tensor, pad_mask: Tensor) -> Tensor:
@@ -266,18 +247,7 @@ class MatryoshkaSASRec(nn.Module):
 
         Raises: ConfigError for shape mismatches or L > max_len.
         """
-        B, L, D = x.shape
-        if D != self.cfg.hidden or L > self.cfg.max_len or tuple(pad_mask.shape) != (B, L):
-            raise ConfigError(f"MatryoshkaSASRec expects x (B, L<={self.cfg.max_len}, "
-                              f"{self.cfg.hidden}) and pad_mask (B, L); got {tuple(x.shape)} "
-                              f"and {tuple(pad_mask.shape)}")
-        keep = ~pad_mask.bool()  # (B, L)
-        allowed = attention_mask(pad_mask)  # (B, 1, L, L)
-        h = self.drop(self.ln_in(x + self.pos.weight[self.cfg.max_len - L:]))  # (B, L, D)
-        h = h * keep[..., None]
-        for block in self.blocks:
-            h = block(h, allowed) * keep[..., None]  # (B, L, D)
-        return self.ln_out(h)
+        return _encode(self, x, pad_mask)
 
     def extract(self, k: int) -> "MatryoshkaSASRec":
         """Standalone model of size ``sizes[k]``. Raises ConfigError for a bad index."""

@@ -8,8 +8,9 @@ Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run
   frozen top features fused by the linear layer alone, i.e. concat-and-project), without
   LayerDrop (every hidden state: needs all-layer stores), without gates, without intra-
   and without inter-modal SANs;
-* ``fusion`` - fMRLRec concat-and-project, IISAN, EM3 Fusion-Q-Former, and content + ID
-  tables with and without EM3's CIC loss;
+* ``fusion`` - fMRLRec concat-and-project, IISAN, EM3 Fusion-Q-Former (text + image, and
+  text only: the image tower here may have random weights), and content + ID tables with
+  and without EM3's CIC loss;
 * ``seq`` - SASRec, LRURec, GRU4Rec on item IDs; VBPR (BPR, cached features; seed 001);
   EM3 LoRA: an LRURec trained on short windows, then frozen and continued with LoRA on the
   full windows;
@@ -87,6 +88,11 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("iisan-no-inter", "IISAN w/o inter-modal SAN",
          {"item_encoder": "iisan", "use_inter": False, **BOTH}),
     Cell("qformer", "Fusion-Q-Former (EM3)", {"item_encoder": "qformer", **BOTH}),
+    # text-only fusion rows: how much the random-weight image tower costs each fusion
+    Cell("concat-text", "concat-and-project, text only",
+         {"item_encoder": "concat", "text_store": TEXT}),
+    Cell("qformer-text", "Fusion-Q-Former, text only",
+         {"item_encoder": "qformer", "text_store": TEXT}),
     Cell("concat-id", "concat + item ID", {"item_encoder": "concat", "use_id": True, **BOTH}),
     Cell("concat-id-cic", "concat + item ID + CIC",
          {"item_encoder": "concat", "use_id": True, "cic_weight": 0.1, **BOTH}),
@@ -111,8 +117,8 @@ GRIDS: dict[str, list[str]] = {
     "modality": ["sasrec-id", "iisan-text", "iisan-image", "iisan"],
     "iisan": ["iisan", "concat", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
               "iisan-no-inter"],
-    "fusion": ["concat", "iisan", "qformer", "concat-id", "concat-id-cic", "qformer-id",
-               "qformer-id-cic"],
+    "fusion": ["concat", "iisan", "qformer", "concat-text", "iisan-text", "qformer-text",
+               "concat-id", "concat-id-cic", "qformer-id", "qformer-id-cic"],
     "seq": ["sasrec-id", "lru-id", "gru4rec-id", "lru-id-short", "lru-id-lora", "vbpr"],
     "mrl": ["mrl-lru", "@independent"],
     "smoke": ["sasrec-id", "iisan-no-layerdrop", "qformer-id-cic", "gru4rec-id", "lru-id-lora",
@@ -408,6 +414,9 @@ def plot_grid(summary: list[dict[str, Any]], exp: ExperimentConfig, grid: str,
                         yerr=[s["std"] for _, s in ind], fmt="s" + style, capsize=3,
                         label=f"independent trainings ({subset})")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(z) for z in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("model width (Matryoshka size)")
         ax.set_ylabel("test NDCG@10")
         ax.set_title("fMRLRec: quality by size")
@@ -452,8 +461,11 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
         w.writerows(summary)
     pop = popularity_breakdown(exp)
     md = markdown_tables(summary, exp.grid, exp, pop)
-    if seconds is not None:
-        md += f" Wall time of this grid run: {seconds / 60:.1f} min."
+    reused = sum(bool(r.get("reused")) for r in results)
+    train_min = sum(float(r["summary"]["seconds"]) for r in results) / 60
+    md += (f" Runs: {len(results)} ({reused} reused from an earlier invocation); their "
+           f"training + validation time adds up to {train_min:.1f} min")
+    md += f", wall time of this invocation {seconds / 60:.1f} min." if seconds is not None else "."
     (exp.out_dir / "results.md").write_text(md + "\n")
     grids = GRID_ORDER if exp.grid == "all" else (exp.grid,)
     plots = [str(plot_grid(summary, exp, g, exp.out_dir / "plots" / f"{g}.png"))

@@ -101,6 +101,32 @@ def test_lru_config_errors():
         m(torch.zeros(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool))
 
 
+
+@pytest.mark.parametrize("cls,kw,match", [
+    (SASRecConfig, dict(n_layers=True), r"SASRecConfig\.n_layers must be an int >= 1, got True"),
+    (SASRecConfig, dict(attn_dropout=1.0), r"SASRecConfig\.attn_dropout must be in \[0, 1\)"),
+    (LRUConfig, dict(state_mult=2.0), r"LRUConfig\.state_mult must be an int"),
+    (GRU4RecConfig, dict(dropout=-0.1), r"GRU4RecConfig\.dropout must be in"),
+])
+def test_config_errors_name_class_and_field(cls, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        cls(**kw)
+
+
+@pytest.mark.parametrize("model", [SASRec(SASRecConfig(hidden=8, max_len=6, n_heads=2)),
+                                   LRURec(LRUConfig(hidden=8)), GRU4Rec(GRU4RecConfig(hidden=8))])
+def test_sequence_encoders_share_the_shape_contract(model):
+    x, pad = torch.zeros(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    assert model.eval()(x, pad).shape == (2, 5, 8) and model.hidden == 8 and model.sizes == (8,)
+    name = type(model).__name__
+    for bad_x, bad_pad in ((torch.zeros(2, 5, 4), pad), (x, pad[:, :4]), (x[0], pad)):
+        with pytest.raises(ConfigError, match=f"{name} expects"):
+            model(bad_x, bad_pad)
+    if isinstance(model, SASRec):  # positions table: L <= max_len
+        with pytest.raises(ConfigError, match=r"L<=6"):
+            model(torch.zeros(1, 7, 8), torch.zeros(1, 7, dtype=torch.bool))
+
+
 # ----------------------------------------------------------------------------- GRU4Rec
 
 def test_gru4rec_is_causal_and_padding_free():

@@ -121,13 +121,18 @@ def test_corrupt_shard_detected_and_only_it_rewritten(tmp_path):
         assert st.verify() == [1]
 
 
-def test_bfloat16_kept_exactly(tmp_path):
-    import torch
-    x = torch.randn(10, 4, 8).to(torch.bfloat16)
-    with writer(tmp_path / "s.zarr", spec(dtype="bfloat16"), IDS, items_per_shard=5) as st:
+
+def _write_bf16(path, x, items_per_shard):
+    """Write the bfloat16 tensor x (N, L, D) as a store of bfloat16 bit patterns."""
+    with writer(path, spec(dtype="bfloat16"), IDS, items_per_shard=items_per_shard) as st:
         for s in st.pending_shards():
             a, b = st.shard_range(s)
             st.write_shard(s, to_bf16_bits(x[a:b]))
+
+def test_bfloat16_kept_exactly(tmp_path):
+    import torch
+    x = torch.randn(10, 4, 8).to(torch.bfloat16)
+    _write_bf16(tmp_path / "s.zarr", x, items_per_shard=5)
     back = bf16_bits_to_float32(HiddenStateStore.open(tmp_path / "s.zarr").read())
     np.testing.assert_array_equal(back, x.float().numpy())
 
@@ -511,10 +516,7 @@ def test_reader_bfloat16_exact(tmp_path):
     import torch
     from stores.reader import load_hidden_states
     x = torch.randn(10, 4, 8).to(torch.bfloat16)
-    with writer(tmp_path / "b.zarr", spec(dtype="bfloat16"), IDS, items_per_shard=4) as st:
-        for s in st.pending_shards():
-            a, b = st.shard_range(s)
-            st.write_shard(s, to_bf16_bits(x[a:b]))
+    _write_bf16(tmp_path / "b.zarr", x, items_per_shard=4)
     y = load_hidden_states(tmp_path / "b.zarr")
     assert y.dtype == torch.bfloat16 and torch.equal(y, x)
     z = load_hidden_states(tmp_path / "b.zarr", layers=[4], dtype=torch.float32)
