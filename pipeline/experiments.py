@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 
@@ -231,11 +231,18 @@ def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
 
 
 def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cfg``.
+
+    The saved config is re-validated before the comparison, so a field added to TrainConfig
+    later (with a default that keeps the old behaviour) does not invalidate finished runs;
+    a saved config that no longer validates never matches.
+    """
     try:
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-    except (OSError, ValueError, KeyError):
+        saved = TrainConfig(**json.loads((run_dir / "config.json").read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError, PipelineError):
         return False
-    return saved == json.loads(cfg.model_dump_json()) and (run_dir / "metrics.json").exists()
+    return (json.loads(saved.model_dump_json()) == json.loads(cfg.model_dump_json())
+            and (run_dir / "metrics.json").exists())
 
 
 def run_cell(exp: ExperimentConfig, cell: Cell, seed: int) -> dict[str, Any]:

@@ -142,3 +142,23 @@ def test_rank_breakdown_matches_evaluate_and_config_checks(small_tables, stores,
 def test_train_config_rejects_invalid_combinations(kw, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(name="x", tables_dir=tmp_path, out_dir=tmp_path, **kw)
+
+
+def test_finished_run_reuse_tolerates_new_default_fields(tmp_path):
+    """A run saved before a TrainConfig field existed (its config.json lacks the field) is
+    still reused when the field's default is in force; any changed value is not reused."""
+    from pipeline.experiments import _same_config
+    cfg = TrainConfig(name="r", tables_dir=tmp_path, out_dir=tmp_path, lr=1e-3)
+    run = tmp_path / "r"
+    run.mkdir()
+    saved = json.loads(cfg.model_dump_json())
+    del saved["cold_threshold"]  # as if written before the field was added
+    (run / "config.json").write_text(json.dumps({"train": saved}))
+    assert not _same_config(run, cfg)  # no metrics.json yet: not finished
+    (run / "metrics.json").write_text("{}")
+    assert _same_config(run, cfg)
+    assert not _same_config(run, cfg.model_copy(update={"lr": 2e-3}))
+    assert not _same_config(run, cfg.model_copy(update={"cold_threshold": 5}))
+    saved["no_longer_a_field"] = 1  # a config that no longer validates never matches
+    (run / "config.json").write_text(json.dumps({"train": saved}))
+    assert not _same_config(run, cfg)
