@@ -5,6 +5,8 @@
 * :func:`check_sequence_inputs` - the shape contract of every sequence encoder's
   ``forward(x (B, L, D), pad_mask (B, L))``.
 * :func:`init_normal_` - N(0, std^2) weights and zero biases (SASRec / BERT-style init).
+* :class:`SequenceEncoder` - base class giving ``hidden`` (D) and ``sizes`` (Matryoshka
+  widths, default ``(D,)``) from ``cfg``.
 
 Pure torch; errors: :class:`pipeline.errors.ConfigError`.
 """
