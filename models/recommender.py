@@ -6,8 +6,8 @@ by the IISAN item encoder over cached hidden states. Default loss: full-softmax
 cross-entropy over all N items at every non-padding position (RecBole "CE", fMRLRec); with a
 Matryoshka sequence model it is averaged over the sizes (fMRLRec eq. 14). IISAN's in-batch
 debiased CE (eq. 6-7) and BPR are selectable (:mod:`models.losses`). The sequence model is
-any of :class:`SASRec`, :class:`models.sasrec.MatryoshkaSASRec`, :class:`models.lru.LRURec`,
-:class:`models.gru4rec.GRU4Rec` (``forward(x, pad_mask) -> (B, L, D)``, ``hidden``, ``sizes``).
+any of :class:`models.sasrec.SASRec`, :class:`models.sasrec.MatryoshkaSASRec`,
+:class:`models.lru.LRURec`, :class:`models.gru4rec.GRU4Rec` (``forward(x, pad_mask) -> (B, L, D)``, ``hidden``, ``sizes``).
 
 Conventions: item ids are 1..N; id 0 is padding. Tables are (N + 1, D) with row 0 the
 padding item (zero). Sequences are LEFT-padded: (B, L) long, 0 = padding, last column =
@@ -23,7 +23,6 @@ Errors: :class:`pipeline.errors.ConfigError`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,7 +31,6 @@ from pipeline.errors import ConfigError
 from .losses import bpr_loss, debiased_in_batch_ce, matryoshka_ce, sample_negatives
 from .matryoshka import size_index
 from .san import IISANItemEncoder
-from .sasrec import SASRec
 
 
 class IDItemTable(nn.Module):

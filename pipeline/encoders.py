@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.capture import (HiddenStateCapture, StopForward, _StopForward,  # noqa: F401
-                            capture_hidden_states, left_align, pad_tokens)
+from models.capture import HiddenStateCapture, capture_hidden_states, left_align, pad_tokens
 from models.layerdrop import select_hidden_states
 from models.pooling import pool
 from pipeline.errors import ConfigError, CorruptImageError, EmptyTextError, MissingImageError

@@ -24,7 +24,6 @@ zarr, which raises on a truly broken shard. Digests are not recomputed on reads 
 
 from __future__ import annotations
 
-import functools
 import json
 import mmap
 import os
