@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 
+from .dtl import check_widths
+
 
 @dataclass(frozen=True)
 class LinearFusionConfig:
@@ -37,6 +39,9 @@ class LinearFusionConfig:
         text_dim, image_dim: widths of the cached features (0 = modality absent).
         out_dim: item embedding width D. row: which cached row to read (-1 = deepest).
         dropout: on the projected embedding.
+        text_widths, image_widths: real width of each cached row when they differ (rows
+            zero-padded to ``*_dim``); the projection reads the chosen row's first
+            ``width`` dims. None = every row ``*_dim`` wide.
     Raises: ConfigError if no modality is present or a width is negative.
     """
 
@@ -45,8 +50,16 @@ class LinearFusionConfig:
     out_dim: int = 64
     row: int = -1
     dropout: float = 0.0
+    text_widths: tuple[int, ...] | None = None
+    image_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for m in ("text", "image"):
+            w = getattr(self, f"{m}_widths")
+            if w is not None:
+                check_widths(m, w, len(w), getattr(self, f"{m}_dim"))
+                if not -len(w) <= self.row < len(w):
+                    raise ConfigError(f"row {self.row} outside the {len(w)} {m} rows")
         if self.text_dim < 0 or self.image_dim < 0 or self.out_dim < 1:
             raise ConfigError(f"LinearFusionConfig widths must be >= 0 (out_dim >= 1), got "
                               f"{self.text_dim}, {self.image_dim}, {self.out_dim}")
@@ -62,7 +75,11 @@ class LinearFusionEncoder(nn.Module):
     def __init__(self, cfg: LinearFusionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.proj = nn.Linear(cfg.text_dim + cfg.image_dim, cfg.out_dim)
+        self.widths = {m: (getattr(cfg, f"{m}_widths")[cfg.row]
+                           if getattr(cfg, f"{m}_widths") else getattr(cfg, f"{m}_dim"))
+                       for m in ("text", "image")}
+        self.proj = nn.Linear(self.widths["text"] * bool(cfg.text_dim)
+                              + self.widths["image"] * bool(cfg.image_dim), cfg.out_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, text_h: Tensor | None, image_h: Tensor | None) -> Tensor:
@@ -80,7 +97,8 @@ class LinearFusionEncoder(nn.Module):
                 if h.dim() != 3 or h.shape[2] != dim:
                     raise ConfigError(f"{name} features must be (N, rows, {dim}), got "
                                       f"{tuple(h.shape)}")
-                parts.append(h[:, self.cfg.row].to(self.proj.weight.dtype))  # (N, dim)
+                w = self.widths[name]
+                parts.append(h[:, self.cfg.row, :w].to(self.proj.weight.dtype))  # (N, w)
         return self.drop(self.proj(torch.cat(parts, dim=-1)))  # (N, out_dim)
 
 

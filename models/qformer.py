@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigError
 
 from .common import require_fractions, require_ints
+from .dtl import RowDTL, check_widths, mixed
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class FusionQFormerConfig:
         dropout: attention / residual dropout. out_dim: item embedding width.
         output: "flatten" (Q * d -> out_dim) or "mean" (mean of the Q outputs -> out_dim).
         init_std: N(0, std^2) init of queries, embeddings and linear weights.
+        text_widths, image_widths: real width of each row when they differ (a CNN's
+            stages, zero-padded to ``*_dim``): each row then gets its own projection
+            ``Linear(d_k -> d)`` (a row-wise DTL) instead of the modality's shared one.
     Raises: ConfigError on invalid values.
     """
 
@@ -62,8 +66,13 @@ class FusionQFormerConfig:
     out_dim: int = 64
     output: Literal["flatten", "mean"] = "flatten"
     init_std: float = 0.02
+    text_widths: tuple[int, ...] | None = None
+    image_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for m in ("text", "image"):
+            check_widths(m, getattr(self, f"{m}_widths"), getattr(self, f"{m}_rows"),
+                         getattr(self, f"{m}_dim"))
         require_ints(self, ("d_model", "n_queries", "n_layers", "n_heads", "out_dim"))
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -108,8 +117,12 @@ class FusionQFormer(nn.Module):
         self.cfg = c = cfg
         d = c.d_model
         self.queries = nn.Parameter(torch.empty(c.n_queries, d))
-        self.text_proj = nn.Linear(c.text_dim, d) if c.text_dim else None
-        self.image_proj = nn.Linear(c.image_dim, d) if c.image_dim else None
+        def proj(dim: int, widths: tuple[int, ...] | None) -> nn.Module | None:
+            if not dim:
+                return None
+            return RowDTL(widths, d) if mixed(widths) else nn.Linear(dim, d)
+        self.text_proj = proj(c.text_dim, c.text_widths)
+        self.image_proj = proj(c.image_dim, c.image_widths)
         self.text_ln = nn.LayerNorm(d) if c.text_dim else None
         self.image_ln = nn.LayerNorm(d) if c.image_dim else None
         self.text_pos = nn.Parameter(torch.empty(c.text_rows, d)) if c.text_dim else None
@@ -138,7 +151,7 @@ class FusionQFormer(nn.Module):
         proj, ln, pos = ((self.text_proj, self.text_ln, self.text_pos) if name == "text"
                          else (self.image_proj, self.image_ln, self.image_pos))
         kind = 2 if name == "text" else 1
-        return ln(proj(h.to(proj.weight.dtype))) + pos + self.type_emb[kind]  # (N, rows, d)
+        return ln(proj(h.to(self.queries.dtype))) + pos + self.type_emb[kind]  # (N, rows, d)
 
     def forward(self, text_h: Tensor | None, image_h: Tensor | None) -> Tensor:
         """Encode N items.

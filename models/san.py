@@ -24,6 +24,11 @@ Where this departs from the paper / public code:
       min(n_txt, n_img) rows of each (section VI-E: "we adopt the top hidden states to align
       with the vision tower for Inter-SAN"); the intra towers use all their rows.
     * DTL is one ``Linear(d_big -> d_small)`` per inter row (IISAN-Versa, fig. 2).
+    * Towers whose kept rows differ in width (a CNN's stage outputs, ``text_widths`` /
+      ``image_widths``) first map every row to the tower's widest width with a row-wise
+      DTL (``models.dtl.RowDTL``, one ``Linear(d_k -> D)`` per narrower row, reading the
+      row's first ``d_k`` dims of the zero-padded cache) before the intra-modal SAN; the
+      Inter-SAN DTL then applies as above. Uniform towers get no row-wise DTL.
     * Optional dropout on each SANB's adapter branch (0 reproduces the equations exactly).
     * Bottleneck ``adapter_dim`` r defaults to 64 (Houlsby-adapter scale; 12x reduction for
       d = 768); the papers do not fix it in the text.
@@ -40,6 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+
+from .dtl import RowDTL, check_widths, mixed
 
 GATE_TEMPERATURE = 0.1
 
@@ -174,6 +181,8 @@ class IISANConfig:
         text_rows, image_rows: cached hidden-state rows per item, Lt, Li (0 = absent; a
             modality is present iff its dim and rows are both > 0). Row 0 is the embedding
             output. With ``use_intra`` a present modality needs >= 2 rows.
+        text_widths, image_widths: real width of each row when they differ (a CNN's stages,
+            zero-padded to ``*_dim`` = the widest); None = every row ``*_dim`` wide.
         adapter_dim: SANB bottleneck r (default 64, see module docstring).
         out_dim: item embedding width (64 = the SASRec width used by IISAN).
         use_intra, use_inter, use_gates: ablation switches (IISAN-Versa table VI). Inter is
@@ -192,8 +201,13 @@ class IISANConfig:
     use_inter: bool = True
     use_gates: bool = True
     dropout: float = 0.0
+    text_widths: tuple[int, ...] | None = None
+    image_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for m in ("text", "image"):
+            check_widths(m, getattr(self, f"{m}_widths"), getattr(self, f"{m}_rows"),
+                         getattr(self, f"{m}_dim"))
         for name in ("text_dim", "image_dim", "text_rows", "image_rows"):
             _pos_int(name, getattr(self, name), 0)
         _pos_int("adapter_dim", self.adapter_dim)
@@ -245,6 +259,9 @@ class IISANItemEncoder(nn.Module):
         self.intra_text = intra(c.text_dim, c.text_rows) if c.has_text and c.use_intra else None
         self.intra_image = (intra(c.image_dim, c.image_rows)
                             if c.has_image and c.use_intra else None)
+        # row-wise DTL of a mixed-width tower onto its widest width (None when uniform)
+        self.dtl_text = RowDTL(c.text_widths, c.text_dim) if mixed(c.text_widths) else None
+        self.dtl_image = RowDTL(c.image_widths, c.image_dim) if mixed(c.image_widths) else None
         self.inter = (InterSAN(c.text_dim, c.image_dim, c.adapter_dim, c.inter_rows,
                                c.use_gates, c.dropout) if c.inter_active else None)
         width = c.text_dim + c.image_dim + (self.inter.d_small if self.inter is not None else 0)
@@ -265,6 +282,7 @@ class IISANItemEncoder(nn.Module):
             text_h: (N, Lt, Dt) kept text hidden states (row 0 = embeddings), or None.
             image_h: (N, Li, Di) kept image hidden states, or None. Any float dtype
                 (e.g. float16 from the cache); cast to the parameter dtype on entry.
+                Rows narrower than D (``*_widths``) are zero-padded to D.
         Returns: (N, out_dim) item embeddings.
         Raises: ConfigError if presence or shapes disagree with the config.
         """
@@ -274,6 +292,10 @@ class IISANItemEncoder(nn.Module):
         dtype = self.fusion.weight.dtype
         th = text_h.to(dtype) if text_h is not None else None
         ih = image_h.to(dtype) if image_h is not None else None
+        if self.dtl_text is not None:
+            th = self.dtl_text(th)  # (N, Lt, Dt)
+        if self.dtl_image is not None:
+            ih = self.dtl_image(ih)  # (N, Li, Di)
         parts: list[Tensor] = []
         if ih is not None:
             parts.append(self.intra_image(ih) if self.intra_image is not None else ih[:, -1])

@@ -142,16 +142,19 @@ def request_spec(cfg: CacheConfig, items_fingerprint: str) -> StoreSpec:
     root = Path(e.model_id[len("local-dir:"):] if e.model_id.startswith("local-dir:")
                 else e.model_id)
     model_id = "/".join(root.resolve().parts[-2:]) if root.is_dir() else e.model_id
-    if e.library == "open_clip" and e.pretrained and not e.random_init and \
+    if e.library in ("open_clip", "timm") and e.pretrained and not e.random_init and \
             not e.model_id.startswith(("local-dir:", "hf-hub:")):
         model_id = f"{model_id}/{Path(e.pretrained).name}"
+    # CNN stage outputs differ in width: recorded per kept layer (rows zero-padded to D)
+    widths = (tuple(int(arch["layer_widths"][i]) for i in layers)
+              if arch.get("layer_widths") else None)
     return StoreSpec(
         items_fingerprint=items_fingerprint, modality=store_modality(e), library=e.library,
         model_id=model_id, weights_fingerprint=weights_fingerprint(e),
         pretrained=not e.random_init, num_model_layers=arch["num_layers"],
         layer_indices=tuple(layers), layer_policy=e.layer_policy, pooling=e.pooling,
         max_length=effective_max_length(e, arch), image_size=arch["image_size"],
-        hidden_dim=arch["hidden_dim"], dtype=e.store_dtype,
+        hidden_dim=arch["hidden_dim"], layer_widths=widths, dtype=e.store_dtype,
         quantization=quantization_tag(e, arch))
 
 

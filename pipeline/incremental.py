@@ -79,6 +79,8 @@ def _first_model_difference(stored: StoreSpec, requested: StoreSpec) -> str | No
             return f
     if tuple(stored.layer_indices) != tuple(requested.layer_indices):
         return "layer_indices"
+    if stored.widths != requested.widths:
+        return "layer_widths"
     return None
 
 

@@ -2,7 +2,8 @@
 
 * :class:`stores.hidden_states.HiddenStateStore` -- create / open / write / grow / verify a store.
 * :class:`stores.reader.HiddenStateReader` -- load a store into memory within a budget, or
-  stream it by shard (stage 2).
+  stream it by shard (stage 2); :func:`stores.reader.split_layers` -- per-layer views at the
+  real widths of a store whose layers differ in width (zero-padded to the widest on disk).
 * :func:`open` -- a store as a lazy ``xarray.Dataset`` (notebooks).
 * ``python -m stores describe PATH`` / ``python -m stores estimate ...`` -- see ``stores/README.md``.
 
@@ -23,7 +24,8 @@ def open(path: str | os.PathLike, *, storage_options: dict | None = None,  # noq
     """Open a hidden-state store as a dask-backed ``xarray.Dataset`` (see ``stores.reader.open_dataset``).
 
     Chunks are one shard along ``item``; coordinates ``item_id`` and ``layer_index`` are
-    indexed; ``attrs`` hold the provenance. A half-written store warns
+    indexed, ``layer_width`` (layer) holds each layer's real width; ``attrs`` hold the
+    provenance. A half-written store warns
     (:class:`stores.reader.StoreIncompleteWarning`) and has ``attrs["complete"] == 0``.
 
     Raises:
@@ -37,7 +39,8 @@ def __getattr__(name: str) -> Any:
     if name in ("HiddenStateStore", "StoreSpec", "estimate_bytes", "plan_layout"):
         from stores import hidden_states
         return getattr(hidden_states, name)
-    if name in ("HiddenStateReader", "load_hidden_states", "StoreIncompleteWarning"):
+    if name in ("HiddenStateReader", "load_hidden_states", "split_layers",
+                "StoreIncompleteWarning"):
         from stores import reader
         return getattr(reader, name)
     raise AttributeError(f"module 'stores' has no attribute {name!r}")

@@ -5,12 +5,15 @@
         (a path or an fsspec URL). Exit status 0 complete, 3 half written, 4 corrupt
         (with --verify), 2 not a store.
 
-    python -m stores estimate --items N --layers K --dim D [--dtype float16] [--tokens T]
-                              [--items-per-shard S] [--items-per-chunk C] [--all-layers L] [--json]
+    python -m stores estimate --items N (--layers K --dim D | --widths W1,W2,...)
+                              [--dtype float16] [--tokens T] [--items-per-shard S]
+                              [--items-per-chunk C] [--all-layers L] [--json]
         bytes of a planned store, with the arithmetic ``HiddenStateStore.create`` follows
         (e.g. Llama-3-70B, 6 kept layers of 8192 dims over 20,314 items:
         ``--items 20314 --layers 6 --dim 8192``); ``--all-layers 81`` adds what keeping every
-        hidden state would cost.
+        hidden state would cost. ``--widths 32,24,80,192,1280`` gives each kept layer's width
+        (a CNN's stages): K and D (the widest) follow from it, and the output says how many
+        bytes are zero padding.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from stores.hidden_states import HiddenStateStore, estimate_bytes
 
 
@@ -28,6 +31,16 @@ def _b(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n:,} B ({n / 2**20:,.2f} MiB, {n / 1e9:,.3f} GB)"
+
+
+def _widths_lines(d: dict[str, Any], label: str) -> list[str]:
+    """``[label + "32, 24, 1280 (padded to 1280; 74.9% of hidden_states bytes are padding)"]``
+    for a describe / estimate dict ``d`` with mixed ``layer_widths``; [] for uniform widths."""
+    widths = d["layer_widths"]
+    if len(set(widths)) < 2:
+        return []
+    return [f"{label}{', '.join(map(str, widths))} (padded to {max(widths)}; "
+            f"{100 * d['padding_fraction']:.1f}% of hidden_states bytes are padding)"]
 
 
 def describe_text(d: dict[str, Any], corrupt: list[int] | None = None) -> str:
@@ -42,12 +55,16 @@ def describe_text(d: dict[str, Any], corrupt: list[int] | None = None) -> str:
     elif corrupt is not None:
         status += "; every done shard matches its digest"
     ids = d["item_id_range"]
+    widths = _widths_lines(d, "widths      ")
+    real = (f"  as stored (padded); real widths: "
+            f"{' / '.join(f'{b:,}' for b in d['bytes_per_layer_real'])} B" if widths else "")
     lines = [
         f"store       {d['path']}",
         f"status      {status}",
         f"shape       {shape}   dtype {s['dtype']} (stored as {lay['physical_dtype']})",
         f"layers      {', '.join(map(str, s['layer_indices']))}  (hidden-state indices, 0 = "
         f"embedding output; policy {s['layer_policy']}; model has {s['num_model_layers']} blocks)",
+        *widths,
         f"model       {s['library']} {s['model_id']}  pretrained={s['pretrained']}  "
         f"quantization={s['quantization']}",
         f"weights     sha256 {s['weights_fingerprint']}",
@@ -58,9 +75,10 @@ def describe_text(d: dict[str, Any], corrupt: list[int] | None = None) -> str:
         f"items sha256 {s['items_fingerprint']}",
         f"layout      {lay['items_per_shard']} items/shard, {lay['items_per_chunk']} items/chunk, "
         f"{lay['num_shards']} shards" + (f", {lay['num_tokens']} tokens" if lay.get("num_tokens") else ""),
-        f"bytes/layer {_b(d['bytes_per_layer'])}",
+        f"bytes/layer {_b(d['bytes_per_layer'])}{real}",
         f"bytes/item  {d['bytes_per_item']:,} B",
-        f"data        {_b(d['data_bytes'])}",
+        f"data        {_b(d['data_bytes'])}"
+        + (f", of which zero padding {_b(d['padding_bytes'])}" if widths else ""),
         f"on disk     {_b(d['bytes_on_disk'])}",
         f"code        {s['code_version']}   "
         + ", ".join(f"{k} {v}" for k, v in sorted(d["versions"].items())),
@@ -73,14 +91,20 @@ def describe_text(d: dict[str, Any], corrupt: list[int] | None = None) -> str:
 
 
 def estimate_text(e: dict[str, Any], args: argparse.Namespace) -> str:
+    """Human-readable form of :func:`estimate_bytes` (``args``: the parsed ``estimate`` options,
+    ``layers`` and ``dim`` resolved)."""
     lay = e["layout"]
     kind = f"token states, {args.tokens} tokens" if args.tokens else "pooled vectors"
+    widths = _widths_lines(e, "widths         ")
     lines = [
         f"planned store  {args.items:,} items x {args.layers} layers x {args.dim} dim "
         f"{args.dtype} ({kind})",
+        *widths,
         f"layout         {lay['items_per_shard']} items/shard, {lay['items_per_chunk']} "
         f"items/chunk, {lay['num_shards']} shards, {e['files']:,} files",
         f"hidden_states  {_b(e['hidden_states_bytes'])}",
+        *([f"padding        {_b(e['padding_bytes'])}  (within hidden_states: narrow layers "
+           f"zero-padded to {args.dim})"] if widths else []),
         f"shard indexes  {_b(e['index_bytes'])}",
     ]
     if args.tokens:
@@ -108,8 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--json", action="store_true", help="print the describe() dict as JSON")
     e = sub.add_parser("estimate", help="bytes of a planned store, before any model is loaded")
     e.add_argument("--items", type=int, required=True, help="N items")
-    e.add_argument("--layers", type=int, required=True, help="K kept hidden states")
-    e.add_argument("--dim", type=int, required=True, help="D hidden width")
+    e.add_argument("--layers", type=int, default=None,
+                   help="K kept hidden states (default with --widths: their count)")
+    e.add_argument("--dim", type=int, default=None,
+                   help="D hidden width (default with --widths: the widest)")
+    e.add_argument("--widths", type=_int_list, default=None,
+                   help="comma-separated width of each kept layer, e.g. 32,24,80,192,1280 "
+                        "(narrow layers are zero-padded to the widest)")
     e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     e.add_argument("--tokens", type=int, default=None, help="T when token states are kept")
     e.add_argument("--items-per-shard", type=int, default=256)
@@ -140,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(dtype=args.dtype, num_tokens=args.tokens, items_per_shard=args.items_per_shard,
               items_per_chunk=args.items_per_chunk)
     try:
-        est = estimate_bytes(args.items, args.layers, args.dim, **kw)
+        _resolve_shape(args)
+        est = estimate_bytes(args.items, args.layers, args.dim, layer_widths=args.widths, **kw)
         if args.all_layers:
             est["all_layers"] = estimate_bytes(args.items, args.all_layers, args.dim, **kw)
     except Exception as exc:  # ConfigError: a bad size
@@ -148,6 +178,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(est, indent=2) if args.json else estimate_text(est, args))
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def _resolve_shape(args: argparse.Namespace) -> None:
+    """Fill ``args.layers`` / ``args.dim`` from ``args.widths`` (count, max) when not given.
+
+    Raises:
+        ConfigError: neither given, or given and inconsistent with ``--widths``.
+    """
+    w = args.widths
+    if not w:
+        if args.layers is None or args.dim is None:
+            raise ConfigError("give --layers and --dim, or --widths")
+        return
+    if args.layers is None:
+        args.layers = len(w)
+    if args.dim is None:
+        args.dim = max(w)
+    if args.layers != len(w) or args.dim != max(w):
+        raise ConfigError(f"--widths {','.join(map(str, w))} means {len(w)} layers of at most "
+                          f"{max(w)} dims, but --layers {args.layers} --dim {args.dim} was given")
 
 
 if __name__ == "__main__":

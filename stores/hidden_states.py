@@ -11,10 +11,18 @@ Layout (``stores/README.md`` is the contract, in five minutes)::
                                                           in order of addition, see ``grow``)
       layer_index    (layer,)                   int32     hidden-state index of each kept layer
                                                           (0 = embedding output, l = block l's output)
+      layer_width    (layer,)                   int32     real width of each kept layer; only in
+                                                          stores whose layers differ in width
       shard_done     (shard,)                   uint8     1 once the shard's bytes are durable
       shard_digest   (shard,)                   uint64    first 8 bytes of blake2b over the shard's rows
       shard_kept     (shard,)                   int32     for a pending shard: leading rows whose stored
                                                           values are kept (after ``grow``), else 0
+
+Layers of different widths (a CNN's stages, ``StoreSpec.layer_widths``) share one array:
+``dim`` is ``hidden_dim``, the widest layer, and row ``k`` is zero at dims
+``>= layer_widths[k]`` (all bits zero; :meth:`HiddenStateStore.write_shard` refuses anything
+else), so every read path, digest and growth step is the same as for uniform stores.
+``stores.reader.split_layers`` gives each layer at its real width.
 
 ``hidden_states`` is sharded along ``item`` only: a shard file holds ``items_per_shard`` whole
 rows (every layer, every dim), split into inner chunks of ``items_per_chunk`` rows, stored
@@ -58,7 +66,7 @@ from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import (ConfigError, StoreCorruptError, StoreError, StoreIncompleteError,
                              StoreLockedError, StoreMismatchError, StoreNotFoundError,
@@ -98,7 +106,12 @@ class StoreSpec(BaseModel):
         pooling: ``cls`` | ``mean`` | ``last`` | ``tokens``.
         max_length: text truncation in tokens (None for images).
         image_size: square input size in pixels (None for text).
-        hidden_dim: width D of the stored vectors.
+        hidden_dim: width D of the stored vectors (with ``layer_widths``: the widest layer's).
+        layer_widths: real width of each kept layer, aligned with ``layer_indices``, or None
+            when every layer is ``hidden_dim`` wide (every store written before widths
+            existed). When set: one width per kept layer, each in 1..hidden_dim, and
+            ``hidden_dim == max(layer_widths)``; narrower rows are zero-padded to
+            ``hidden_dim`` on disk. None and a tuple of ``hidden_dim``s mean the same store.
         dtype: ``float16`` | ``bfloat16`` | ``float32`` (the logical dtype of the values).
         quantization: e.g. ``"bnb-nf4"``, ``"gptq-4bit"``, or None.
         code_version: version of this package that wrote the store.
@@ -108,7 +121,7 @@ class StoreSpec(BaseModel):
 
     items_fingerprint: str
     modality: str
-    library: Literal["transformers", "open_clip"]
+    library: Literal["transformers", "open_clip", "timm"]
     model_id: str
     weights_fingerprint: str
     pretrained: bool
@@ -122,19 +135,90 @@ class StoreSpec(BaseModel):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     quantization: str | None = None
     code_version: str = "0.1.0"
+    layer_widths: tuple[int, ...] | None = None
 
-    # Fields compared when opening a store for a request (code_version is informative).
+    # Fields compared when opening a store for a request (code_version is informative;
+    # layer_widths is compared per requested layer by check_compatible).
     IDENTITY: ClassVar[tuple[str, ...]] = ("items_fingerprint", "modality", "library", "model_id",
                                  "weights_fingerprint", "pooling", "max_length", "image_size",
                                  "hidden_dim", "dtype", "quantization", "num_model_layers")
+
+    def __init__(self, /, **data: Any) -> None:
+        """Validate the fields; an inconsistent ``layer_widths`` raises :class:`ConfigError`.
+
+        Raises:
+            ConfigError: ``layer_widths`` does not fit ``layer_indices`` / ``hidden_dim``.
+            pydantic.ValidationError: a single field is invalid (as before).
+        """
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            errs = exc.errors()
+            cause = (errs[0].get("ctx") or {}).get("error") if len(errs) == 1 else None
+            if isinstance(cause, ConfigError):
+                raise ConfigError(str(cause)) from None
+            raise
+
+    @model_validator(mode="after")
+    def _check_layer_widths(self) -> "StoreSpec":
+        if self.layer_widths is not None:
+            check_layer_widths(self.layer_widths, len(self.layer_indices), self.hidden_dim)
+        return self
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Width of each kept layer, aligned with ``layer_indices`` (``hidden_dim`` each when
+        ``layer_widths`` is None)."""
+        if self.layer_widths is not None:
+            return tuple(int(w) for w in self.layer_widths)
+        return (self.hidden_dim,) * len(self.layer_indices)
+
+    @property
+    def mixed_widths(self) -> bool:
+        """True when some kept layer is narrower than ``hidden_dim`` (its rows are padded)."""
+        return any(w != self.hidden_dim for w in self.widths)
+
+
+def check_layer_widths(widths: Sequence[int], num_layers: int, hidden_dim: int) -> None:
+    """Check per-layer widths against a store's shape.
+
+    Args:
+        widths: (K,) width of each kept layer.
+        num_layers: K kept layers. hidden_dim: D, the stored width.
+    Raises:
+        ConfigError: not one width per layer, a width outside 1..D, or D != max(widths).
+    """
+    widths = [int(w) for w in widths]
+    if len(widths) != num_layers:
+        raise ConfigError(f"layer_widths has {len(widths)} widths for {num_layers} kept layers "
+                          f"(one per layer_indices entry): {widths}")
+    bad = [w for w in widths if not 1 <= w <= hidden_dim]
+    if bad:
+        raise ConfigError(f"layer_widths {widths}: widths {bad} are outside 1..hidden_dim="
+                          f"{hidden_dim}")
+    if max(widths) != hidden_dim:
+        raise ConfigError(f"hidden_dim={hidden_dim} must be the widest layer, "
+                          f"max(layer_widths)={max(widths)}: {widths}")
 
 
 def check_compatible(stored: StoreSpec, requested: StoreSpec, *, store: Any = None) -> None:
     """Raise :class:`StoreMismatchError` naming the first field where ``stored`` cannot serve ``requested``.
 
-    Layers: the requested ``layer_indices`` must be a subset of the stored ones.
+    Fields are compared in ``StoreSpec.IDENTITY`` order, then the layers: the requested
+    ``layer_indices`` must be a subset of the stored ones, and each requested layer's width
+    (``requested.widths``: its ``layer_widths``, or ``hidden_dim`` when None) must equal the
+    stored width of that layer (field ``layer_widths``; None and all-``hidden_dim`` widths are
+    the same). When either spec has mixed widths, ``hidden_dim`` is not compared on its own:
+    a subset request's ``hidden_dim`` is its widest requested layer, and the per-layer width
+    check decides.
+
+    Raises:
+        StoreMismatchError: ``.field`` is the first differing field.
     """
+    mixed = stored.mixed_widths or requested.mixed_widths
     for field in StoreSpec.IDENTITY:
+        if field == "hidden_dim" and mixed:
+            continue
         a, b = getattr(requested, field), getattr(stored, field)
         if a != b:
             raise StoreMismatchError(field, a, b, store=store)
@@ -142,6 +226,10 @@ def check_compatible(stored: StoreSpec, requested: StoreSpec, *, store: Any = No
     if missing:
         raise StoreMismatchError("layer_indices", requested.layer_indices,
                                  stored.layer_indices, store=store)
+    width_of = dict(zip(stored.layer_indices, stored.widths))
+    found = tuple(width_of[layer] for layer in requested.layer_indices)
+    if requested.widths != found:
+        raise StoreMismatchError("layer_widths", requested.widths, found, store=store)
 
 
 def _is_local(path: str) -> bool:
@@ -209,25 +297,40 @@ def plan_layout(num_items: int, num_layers: int, hidden_dim: int, *, dtype: str 
 
 def estimate_bytes(num_items: int, num_layers: int, hidden_dim: int, *, dtype: str = "float16",
                    num_tokens: int | None = None, items_per_shard: int = 256,
-                   items_per_chunk: int | None = None) -> dict[str, Any]:
+                   items_per_chunk: int | None = None,
+                   layer_widths: Sequence[int] | None = None) -> dict[str, Any]:
     """Bytes of a planned store, before any model is loaded (the arithmetic ``create`` follows).
 
     Counts what zarr writes: every inner chunk that overlaps the array is written whole
     (the last one padded), plus each shard's index (16 bytes per inner chunk + 4 bytes crc32c),
     the attention mask (1 byte per token, with token states), ``item_id`` (8 bytes per item),
-    the per-shard arrays (1 + 8 + 4 bytes per shard) and the ``zarr.json`` metadata files.
+    the per-shard arrays (1 + 8 + 4 bytes per shard), the ``layer_width`` array (4 bytes per
+    layer, mixed widths only) and the ``zarr.json`` metadata files.
 
+    Args:
+        num_items: N. num_layers: K. hidden_dim: D (the widest layer with ``layer_widths``).
+        layer_widths: (K,) real width of each layer, or None (all D). Narrower layers are
+            zero-padded to D on disk: they cost D, and ``padding_bytes`` says how much of it
+            is padding.
+        dtype, num_tokens, items_per_shard, items_per_chunk: as :func:`plan_layout`.
     Returns:
         {"bytes": total (int, bytes), "hidden_states_bytes", "attention_mask_bytes",
          "index_bytes", "small_arrays_bytes", "metadata_bytes", "dense_bytes" (N*K*[T]*D*itemsize),
-         "bytes_per_item", "bytes_per_layer", "files", "layout"}
+         "padding_bytes" (the zero padding of narrow layers within dense_bytes),
+         "padding_fraction" (padding_bytes / dense_bytes), "layer_widths" (K ints),
+         "bytes_per_item", "bytes_per_layer" (padded: N*[T]*D*itemsize), "files", "layout"}
     Raises:
-        ConfigError: as :func:`plan_layout`.
+        ConfigError: as :func:`plan_layout`, or ``layer_widths`` inconsistent with K and D
+            (:func:`check_layer_widths`).
     """
     lay = plan_layout(num_items, num_layers, hidden_dim, dtype=dtype, num_tokens=num_tokens,
                       items_per_shard=items_per_shard, items_per_chunk=items_per_chunk)
+    widths = [hidden_dim] * num_layers if layer_widths is None else [int(w) for w in layer_widths]
+    check_layer_widths(widths, num_layers, hidden_dim)
+    mixed = any(w != hidden_dim for w in widths)
     n, ips, ipc, S = num_items, lay["items_per_shard"], lay["items_per_chunk"], lay["num_shards"]
     row = num_layers * (num_tokens or 1) * hidden_dim * _ITEMSIZE[dtype]
+    padding = n * (num_tokens or 1) * sum(hidden_dim - w for w in widths) * _ITEMSIZE[dtype]
     chunks = 0
     for s in range(S):
         rows = min(ips, n - s * ips)
@@ -235,14 +338,16 @@ def estimate_bytes(num_items: int, num_layers: int, hidden_dim: int, *, dtype: s
     index = S * (16 * (ips // ipc) + 4)
     hs = chunks * ipc * row
     mask = chunks * ipc * num_tokens + index if num_tokens else 0
-    small = 8 * n + 4 * num_layers + S * (1 + 8 + 4)
-    nodes = 1 + 1 + (1 if num_tokens else 0) + len(_SMALL_ARRAYS)
+    small = 8 * n + 4 * num_layers * (2 if mixed else 1) + S * (1 + 8 + 4)
+    nodes = 1 + 1 + (1 if num_tokens else 0) + len(_SMALL_ARRAYS) + (1 if mixed else 0)
     meta = nodes * METADATA_BYTES_PER_NODE
     total = hs + index + mask + small + meta
-    files = S * (2 if num_tokens else 1) + 2 + 3 * S + nodes
+    files = S * (2 if num_tokens else 1) + 2 + (1 if mixed else 0) + 3 * S + nodes
     return {"bytes": int(total), "hidden_states_bytes": int(hs), "index_bytes": int(index),
             "attention_mask_bytes": int(mask), "small_arrays_bytes": int(small),
             "metadata_bytes": int(meta), "dense_bytes": int(n * row),
+            "padding_bytes": int(padding), "padding_fraction": padding / (n * row) if n else 0.0,
+            "layer_widths": widths,
             "bytes_per_item": int(row), "bytes_per_layer": int(n * row // num_layers),
             "files": int(files), "layout": lay}
 
@@ -357,6 +462,9 @@ class HiddenStateStore:
             group["item_id"][:] = item_ids
         group.create_array("layer_index", data=np.asarray(spec.layer_indices, np.int32),
                            chunks=(k,), compressors=None, dimension_names=["layer"])
+        if spec.mixed_widths:  # uniform stores stay as they were before widths existed
+            group.create_array("layer_width", data=np.asarray(spec.widths, np.int32),
+                               chunks=(k,), compressors=None, dimension_names=["layer"])
         for name, dtype in (("shard_done", "uint8"), ("shard_digest", "uint64"),
                             ("shard_kept", "int32")):
             group.create_array(name, shape=(n_shards,), dtype=dtype, chunks=(1,),
@@ -646,6 +754,23 @@ class HiddenStateStore:
         return tuple(int(i) for i in self.spec.layer_indices)
 
     @property
+    def layer_widths(self) -> tuple[int, ...]:
+        """(K,) real width of each stored layer, aligned with :attr:`layer_indices`
+        (``hidden_dim`` each for uniform stores); rows are zero-padded to ``hidden_dim``."""
+        return self.spec.widths
+
+    def widths_for(self, layers: Sequence[int] | None) -> tuple[int, ...]:
+        """Real widths of the requested hidden-state indices, in the requested order.
+
+        Args:
+            layers: hidden-state indices (None: every stored layer).
+        Raises:
+            StoreMismatchError: a requested layer is not stored.
+        """
+        widths = self.layer_widths
+        return tuple(widths[p] for p in self.layer_positions(layers))
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """(N, K, D) or (N, K, T, D): the logical shape of ``hidden_states``."""
         k, d, t = len(self.spec.layer_indices), self.spec.hidden_dim, self.layout.get("num_tokens")
@@ -758,9 +883,13 @@ class HiddenStateStore:
                 patterns from :func:`to_bf16_bits`). For a grown store's partial shard,
                 either the new rows only (:meth:`rows_to_encode`) or the whole shard, whose
                 kept rows are then replaced by their stored values (old bytes never change).
+                With mixed :attr:`layer_widths`, layer ``k``'s values at dims
+                ``>= layer_widths[k]`` must be zero (all bits: +0.0).
             attention_mask: (n, T) bool, with token states only.
         Raises:
-            StoreError: wrong shape, or the store is not open for writing.
+            StoreError: wrong shape, padding of a narrow layer not zero (names the shard,
+                the hidden-state index and the first offending row), or the store is not
+                open for writing.
             StoreLockedError: another writer holds the shard's claim.
             StoreCorruptError: a grown shard's kept rows no longer match their digest.
         """
@@ -794,10 +923,12 @@ class HiddenStateStore:
         unchanged with the new rows, as one whole-shard write.
 
         Args:
-            values: (m, K, D) or (m, K, T, D), m = ``rows_to_encode(shard)`` length.
+            values: (m, K, D) or (m, K, T, D), m = ``rows_to_encode(shard)`` length; zero
+                padding of narrow layers as in :meth:`write_shard`.
             attention_mask: (m, T) bool, with token states only.
         Raises:
-            StoreError: wrong shape or read-only store.
+            StoreError: wrong shape, padding not zero (as :meth:`write_shard`) or read-only
+                store.
             StoreCorruptError: the kept rows do not match their digest (the shard must be
                 invalidated and re-encoded whole).
             StoreLockedError: another writer holds the shard's claim.
@@ -837,6 +968,7 @@ class HiddenStateStore:
                      attention_mask: np.ndarray | None) -> None:
         arr = self._hs()
         block = np.ascontiguousarray(block.astype(np.dtype(arr.dtype), copy=False))
+        self._check_padding(shard, start, block)
         digest = shard_digest(block)
         if attention_mask is not None:
             attention_mask = np.ascontiguousarray(np.asarray(attention_mask).astype(bool))
@@ -847,6 +979,24 @@ class HiddenStateStore:
         self._fsync_shard(shard)
         self._write_digest(shard, digest)
         self._mark_done(shard)
+
+    def _check_padding(self, shard: int, start: int, block: np.ndarray) -> None:
+        """Refuse a block (rows ``start..``, store dtype) whose narrow layers are not zero
+        beyond their width (bitwise; only with mixed widths: reads just the padding)."""
+        if not self.spec.mixed_widths:
+            return
+        bits = block.view(f"u{block.dtype.itemsize}")
+        for k, (layer, w) in enumerate(zip(self.layer_indices, self.layer_widths)):
+            if w == self.spec.hidden_dim:
+                continue
+            pad = bits[:, k, ..., w:]                       # (n, D - w) or (n, T, D - w)
+            bad = np.flatnonzero(pad.any(axis=tuple(range(1, pad.ndim))))
+            if bad.size:
+                raise StoreError(
+                    f"shard {shard}: layer {layer} (hidden-state index; width {w} of "
+                    f"{self.spec.hidden_dim}) has non-zero padding at dims >= {w} in "
+                    f"{bad.size} rows (first: row {start + int(bad[0])}); narrow layers "
+                    f"must be zero-padded", store=self.path)
 
     # the four steps of a shard write; separate methods so that fault tests can stop a
     # process between any two of them
@@ -1042,15 +1192,21 @@ class HiddenStateStore:
         """Provenance, shape, completion and bytes per layer, as a JSON-able dict.
 
         Keys: path, spec, layout, versions, history, shape (dim name -> size), dtype,
-        shards_done, shards_total, pending_shards, complete, bytes_per_layer (bytes of one
-        layer over all items), bytes_per_item, data_bytes (N*K*[T]*D*itemsize), bytes_on_disk
-        (sum of file sizes; local stores only, else None), item_id_range, item_ids_ascending,
-        warnings (list of str: e.g. half written).
+        shards_done, shards_total, pending_shards, complete, layer_widths (list of K ints:
+        real width of each layer), bytes_per_layer (bytes of one layer over all items, as
+        stored: padded to D), bytes_per_layer_real (list of K: the same at each layer's real
+        width), bytes_per_item, data_bytes (N*K*[T]*D*itemsize), padding_bytes (zero padding
+        of narrow layers within data_bytes), padding_fraction (padding_bytes / data_bytes),
+        bytes_on_disk (sum of file sizes; local stores only, else None), item_id_range,
+        item_ids_ascending, warnings (list of str: e.g. half written).
         """
         arr = self.group["hidden_states"]
         shape = self.shape
         itemsize = np.dtype(arr.dtype).itemsize
         per_layer = int(np.prod(shape) // shape[1]) * itemsize
+        per_dim = per_layer // shape[-1]                      # one layer, one dim, all items
+        real = [per_dim * w for w in self.layer_widths]
+        padding = per_layer * shape[1] - sum(real)
         done = self.done_mask()
         pending = [int(s) for s in np.flatnonzero(~done)]
         ids = self.item_ids
@@ -1071,8 +1227,12 @@ class HiddenStateStore:
                 "dtype": self.spec.dtype,
                 "shards_done": int(done.sum()), "shards_total": int(done.size),
                 "pending_shards": pending, "complete": not pending,
-                "bytes_per_layer": per_layer, "bytes_per_item": per_layer * shape[1] // max(shape[0], 1),
-                "data_bytes": per_layer * shape[1], "bytes_on_disk": disk,
+                "layer_widths": list(self.layer_widths),
+                "bytes_per_layer": per_layer, "bytes_per_layer_real": real,
+                "bytes_per_item": per_layer * shape[1] // max(shape[0], 1),
+                "data_bytes": per_layer * shape[1], "padding_bytes": padding,
+                "padding_fraction": padding / (per_layer * shape[1]) if per_layer else 0.0,
+                "bytes_on_disk": disk,
                 "item_id_range": [int(ids.min()), int(ids.max())] if ids.size else None,
                 "item_ids_ascending": bool((np.diff(ids) > 0).all()),
                 "warnings": warnings}

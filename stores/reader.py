@@ -19,6 +19,10 @@ offset and length the row order implies, the file long enough. A failed check fa
 zarr, which raises on a truly broken shard. Digests are not recomputed on reads (that is
 ``HiddenStateStore.verify``).
 
+Layers of different widths (``StoreSpec.layer_widths``, e.g. a CNN's stages) are returned
+as stored: every layer zero-padded to ``D`` = the widest; :attr:`HiddenStateReader.layer_widths`
+gives the real widths and :func:`split_layers` per-layer views at those widths.
+
 :func:`open_dataset` (``stores.open``) gives the same store as a lazy ``xarray.Dataset``.
 """
 
@@ -342,6 +346,31 @@ def _as_tensor(arr: np.ndarray) -> "torch.Tensor":
     return torch.from_numpy(arr)
 
 
+def split_layers(x: Any, widths: Sequence[int]) -> list:
+    """Per-layer views of padded hidden states at each layer's real width (no copy).
+
+    Works for numpy arrays and torch tensors alike (basic slicing).
+
+    Args:
+        x: (N, K, D) pooled states, or (N, K, T, D) token states, as returned by
+            :meth:`HiddenStateReader.load` / :func:`load_hidden_states` (layers padded to D).
+        widths: (K,) real width of each layer of ``x`` (:attr:`HiddenStateReader.layer_widths`
+            or ``HiddenStateStore.widths_for(layers)``).
+    Returns:
+        K views: ``x[:, k, :d_k]`` (N, d_k), or ``x[:, k, :, :d_k]`` (N, T, d_k) for token states.
+    Raises:
+        ConfigError: ``x`` is not 3- or 4-D, or ``widths`` is not one width in 1..D per layer.
+    """
+    shape = tuple(x.shape)
+    if len(shape) not in (3, 4):
+        raise ConfigError(f"split_layers: x must be (N, K, D) or (N, K, T, D), got shape {shape}")
+    widths = [int(w) for w in widths]
+    if len(widths) != shape[1] or not all(1 <= w <= shape[-1] for w in widths):
+        raise ConfigError(f"split_layers: widths {widths} do not fit x of shape {shape} "
+                          f"(one width in 1..{shape[-1]} per layer along dim 1)")
+    return [x[:, k, ..., :w] for k, w in enumerate(widths)]
+
+
 @dataclass
 class ShardBlock:
     """One shard's worth of a reader's selection.
@@ -352,14 +381,23 @@ class ShardBlock:
             reader built with ``item_ids``: indices into that array; row ``i`` of the stage-2
             item table is then ``positions + 1`` when index 0 is padding).
         item_ids: (n,) int64 catalogue ids.
-        values: (n, K', D) (or (n, K', T, D)) tensor on the reader's device. Streamed blocks
-            live in a reused buffer: valid until the next block is requested (clone to keep).
+        values: (n, K', D) (or (n, K', T, D)) tensor on the reader's device, narrow layers
+            zero-padded to D. Streamed blocks live in a reused buffer: valid until the next
+            block is requested (clone to keep).
+        layer_widths: (K',) real width of each layer of ``values`` (None: not given, all D).
     """
 
     shard: int
     positions: np.ndarray
     item_ids: np.ndarray
     values: "torch.Tensor"
+    layer_widths: tuple[int, ...] | None = None
+
+    def split(self) -> list:
+        """Per-layer views of :attr:`values` at their real widths: K' tensors (n, d_k) or
+        (n, T, d_k) (see :func:`split_layers`; views share the block's buffer)."""
+        widths = self.layer_widths or (self.values.shape[-1],) * self.values.shape[1]
+        return split_layers(self.values, widths)
 
 
 class HiddenStateReader:
@@ -377,6 +415,10 @@ class HiddenStateReader:
         dtype: output dtype (``torch.float16`` ...); default the store's logical dtype
             (bfloat16 stores give ``torch.bfloat16``, bit-exact).
         expected: a request the store must answer (as ``HiddenStateStore.open``).
+
+    Widths: outputs are (N', K', D) with D the store's ``hidden_dim``; in a store with mixed
+    layer widths, layer ``k`` is real at dims ``< layer_widths[k]`` and zero beyond
+    (:attr:`layer_widths`, :func:`split_layers`).
 
     Memory (bytes; N' rows selected, K' layers, D dim, T tokens or 1, b output itemsize,
     s = items_per_shard, p physical itemsize):
@@ -418,6 +460,7 @@ class HiddenStateReader:
         self.pin_memory = bool(pin_memory)
         self.layers = tuple(layers) if layers is not None else store.layer_indices
         self.pos = store.layer_positions(self.layers)
+        self._widths = store.widths_for(self.layers)
         self._item_ids = None if item_ids is None else np.asarray(item_ids, np.int64)
         self.rows = (store.rows_for(item_ids) if item_ids is not None
                      else np.arange(store.num_items, dtype=np.int64))
@@ -438,6 +481,12 @@ class HiddenStateReader:
             self._item_ids = self.store.item_ids[self.rows]
         return self._item_ids
 
+    @property
+    def layer_widths(self) -> tuple[int, ...]:
+        """(K',) real width of each selected layer, in the selected order (D each for a
+        uniform store); the outputs are padded to D beyond them."""
+        return self._widths
+
     # ---------------------------------------------------------------- figures
     @property
     def nbytes(self) -> int:
@@ -457,6 +506,8 @@ class HiddenStateReader:
     # ---------------------------------------------------------------- load
     def load(self) -> "torch.Tensor":
         """The whole selection as one tensor (N', K', D) (or (N', K', T, D)) on the device.
+
+        Narrow layers come zero-padded to D (:attr:`layer_widths`; :func:`split_layers`).
 
         Raises:
             ConfigError: the selection does not fit ``memory_budget_bytes`` (names both
@@ -549,7 +600,7 @@ class HiddenStateReader:
                 g = by_shard[s]
                 vals = (self._loaded[g.d0:g.d0 + g.n] if g.contiguous
                         else self._loaded[torch.from_numpy(g.dst).to(self._loaded.device)])
-                yield ShardBlock(s, g.dst, self.item_ids[g.dst], vals)
+                yield ShardBlock(s, g.dst, self.item_ids[g.dst], vals, self.layer_widths)
             return
         yield from self._stream([by_shard[s] for s in order], max(1, int(prefetch)))
 
@@ -615,7 +666,7 @@ class HiddenStateReader:
                 else:
                     held = i
                 k += 1
-                yield ShardBlock(g.shard, g.dst, self.item_ids[g.dst], vals)
+                yield ShardBlock(g.shard, g.dst, self.item_ids[g.dst], vals, self.layer_widths)
         finally:
             stop.set()
             for i in range(n_buf):
@@ -631,7 +682,9 @@ def load_hidden_states(store: str | os.PathLike | HiddenStateStore,
     """One call for stage 2: the requested layers of a complete store as a tensor (N', K', D).
 
     Rows follow ``item_ids`` when given (stage 2 passes its catalogue in item-index order),
-    else the store's row order. Memory: see :class:`HiddenStateReader`.
+    else the store's row order. Layers narrower than D come zero-padded
+    (``HiddenStateStore.widths_for(layers)`` gives their widths, :func:`split_layers` the
+    views). Memory: see :class:`HiddenStateReader`.
 
     Raises:
         StoreIncompleteError, StoreMismatchError, StoreNotFoundError, UnknownItemError,
@@ -652,9 +705,12 @@ def open_dataset(path: str | os.PathLike, *, storage_options: dict | None = None
         (float16; bfloat16 stores are decoded to float32 exactly unless ``decode_bfloat16``
         is False); ``attention_mask`` (item, token) with token states; coordinates
         ``item_id`` (item), ``layer_index`` (layer) (both indexed: ``ds.sel(item_id=[...],
-        layer_index=[4, 6])``), ``shard`` (item) and ``written`` (item, bool: the row's shard
-        is done). Attributes: the provenance (every spec field, ``versions``, ``layout``,
-        ``history`` as JSON strings), ``store``, ``complete``, ``pending_shards``.
+        layer_index=[4, 6])``), ``layer_width`` (layer, int32: the real width of each layer,
+        ``hidden_dim`` in uniform stores; dims beyond it are zero padding), ``shard`` (item)
+        and ``written`` (item, bool: the row's shard is done). Attributes: the provenance
+        (every spec field, ``versions``, ``layout``, ``history`` as JSON strings;
+        ``layer_widths`` is the JSON list of real widths, for old stores too), ``store``,
+        ``complete``, ``pending_shards``.
 
     A half-written store opens with ``attrs["complete"] = False``, its pending shards in
     ``attrs["pending_shards"]``, rows of pending shards ``written == False`` (their values are
@@ -693,6 +749,7 @@ def open_dataset(path: str | os.PathLike, *, storage_options: dict | None = None
                                                      asarray=True)[:n])
     coords = {"item_id": ("item", st.item_ids),
               "layer_index": ("layer", np.asarray(st.group["layer_index"][:])),
+              "layer_width": ("layer", np.asarray(st.layer_widths, np.int32)),
               "shard": ("item", shard_of_row), "written": ("item", done[shard_of_row])}
     pending = [int(s) for s in np.flatnonzero(~done)]
     attrs: dict[str, Any] = {"store": str(path), "complete": int(not pending),
@@ -700,6 +757,7 @@ def open_dataset(path: str | os.PathLike, *, storage_options: dict | None = None
     for k, v in st.spec.model_dump(mode="json").items():
         attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) or v is None else v
     attrs["pretrained"] = int(st.spec.pretrained)
+    attrs["layer_widths"] = json.dumps(list(st.layer_widths))
     attrs["versions"] = json.dumps(st.meta.get("versions", {}), sort_keys=True)
     attrs["layout"] = json.dumps(st.layout, sort_keys=True)
     attrs["history"] = json.dumps(st.meta.get("history", []))
@@ -713,4 +771,4 @@ def open_dataset(path: str | os.PathLike, *, storage_options: dict | None = None
 
 
 __all__ = ["HiddenStateReader", "ShardBlock", "load_hidden_states", "open_dataset",
-           "read_rows", "StoreIncompleteWarning"]
+           "read_rows", "split_layers", "StoreIncompleteWarning"]
