@@ -31,6 +31,10 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
+# before prefect: a longer start-up timeout for the temporary local API (its first start
+# creates the database) and the pipeline package's log lines in the flow's output
+import flows._prefect_start  # noqa: E402,F401
+
 import argparse
 import json
 import re

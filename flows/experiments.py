@@ -15,7 +15,8 @@ Each (cell, seed) is one task; with ``--workers N > 1`` the runs go to N worker 
 (one torch thread each by default: on this shared 2-core machine two OpenMP threads per
 process spin and slow every step several-fold), each run seeding its own process so results
 do not depend on scheduling; a LoRA cell waits for its base run. Finished runs with an
-identical config are reused, so an interrupted grid resumes. Results: ``results.md``,
+identical config and unchanged inputs (tables, stores: ``pipeline.reuse``) are reused, so an
+interrupted grid resumes. Results: ``results.md``,
 ``results.csv``, ``runs.csv`` and ``plots/*.png`` under ``--out``, plus a markdown artifact.
 No Prefect server is needed (a temporary local API is started).
 """
@@ -30,9 +31,9 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-# the temporary local Prefect API may need more than the default 20 s to start on a busy
-# 2-core machine
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# before prefect: a longer start-up timeout for the temporary local API (its first start
+# creates the database) and the pipeline package's log lines in the flow's output
+import flows._prefect_start  # noqa: E402,F401
 
 import argparse
 import json
@@ -115,7 +116,7 @@ def experiments_flow(grid: str = "all", tables_dir: str = "outputs/demo/tables",
                      out_dir: str = "outputs/experiments",
                      store_dir: str | None = "outputs/demo/stores",
                      text_encoder: str | None = "minilm",
-                     image_encoder: str | None = "vit-b-32-random",
+                     image_encoder: str | None = "efficientnet-lite0",
                      text_store: str | None = None, image_store: str | None = None,
                      text_store_all: str | None = None, image_store_all: str | None = None,
                      seeds: list[int] | None = None, max_epochs: int = 20, patience: int = 5,
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stores", default="outputs/demo/stores")
     p.add_argument("--out", default="outputs/experiments")
     p.add_argument("--text-encoder", default="minilm")
-    p.add_argument("--image-encoder", default="vit-b-32-random")
+    p.add_argument("--image-encoder", default="efficientnet-lite0")
     p.add_argument("--text-store")
     p.add_argument("--image-store")
     p.add_argument("--text-store-all")

@@ -87,14 +87,14 @@ class TrainParams(_Params):
                             description="folder with interactions.parquet / items.parquet")
     out_dir: str = Field("outputs/demo/checkpoints", min_length=1,
                          description="checkpoints go to <out_dir>/<name>")
-    name: str = Field("iisan-sasrec", pattern=r"^[A-Za-z0-9._-]+$", description="run name")
+    name: str = Field("iisan-text-image", pattern=r"^[A-Za-z0-9._-]+$", description="run name")
     item_encoder: Literal["id", "iisan"] = Field("iisan", description="id embeddings or IISAN "
                                                                       "over cached states")
     store_dir: str | None = Field("outputs/demo/stores",
                                   description="where to find the newest complete stores when "
                                               "text_store / image_store are not given")
     text_encoder: EncoderName | None = Field("minilm", description="text store to pick up")
-    image_encoder: EncoderName | None = Field("vit-b-32-random",
+    image_encoder: EncoderName | None = Field("efficientnet-lite0",
                                               description="image store to pick up")
     text_store: str | None = Field(None, description="explicit text store path")
     image_store: str | None = Field(None, description="explicit image store path")
@@ -118,7 +118,7 @@ class TrainParams(_Params):
 class EvaluateParams(_Params):
     """Parameters of the ``evaluate`` flow: full-ranking metrics of a saved checkpoint."""
 
-    checkpoint_dir: str = Field("outputs/demo/checkpoints/iisan-sasrec", min_length=1,
+    checkpoint_dir: str = Field("outputs/demo/checkpoints/iisan-text-image", min_length=1,
                                 description="folder with config.json and model.safetensors")
     exclude: Exclude = "all"
     device: Device = "auto"
@@ -131,7 +131,7 @@ class PipelineParams(_Params):
                             description="MovieLens folder (ml-latest-small/ + posters/)")
     out_dir: str = Field("outputs/demo", min_length=1, description="output folder")
     text_encoder: EncoderName = "minilm"
-    image_encoder: EncoderName = "vit-b-32-random"
+    image_encoder: EncoderName = "efficientnet-lite0"
     k_core: Annotated[int, Field(ge=1, le=1000)] = 5
     max_epochs: Epochs = 100
     patience: Epochs = 10

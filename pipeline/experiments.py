@@ -9,7 +9,7 @@ Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run
   LayerDrop (every hidden state: needs all-layer stores), without gates, without intra-
   and without inter-modal SANs;
 * ``fusion`` - fMRLRec concat-and-project, IISAN, EM3 Fusion-Q-Former (text + image, and
-  text only: the image tower here may have random weights), and content + ID tables with
+  text only: what the image tower adds to each fusion), and content + ID tables with
   and without EM3's CIC loss;
 * ``seq`` - SASRec, LRURec, GRU4Rec on item IDs; VBPR (BPR, cached features; seed 001);
   EM3 LoRA: an LRURec trained on short windows, then frozen and continued with LoRA on the
@@ -19,8 +19,9 @@ Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run
 * ``all`` - every grid; ``smoke`` - one cell of each code path (for tests).
 
 Every (cell, seed) writes a checkpoint under ``<out>/runs/<cell>-s<seed>`` and is skipped on
-a re-run when its ``metrics.json`` exists for the identical resolved config (so an
-interrupted grid resumes). Results: ``runs.csv`` (one row per run, size, split, subset,
+a re-run when it is finished (``metrics.json`` exists) for the identical resolved config and
+unchanged inputs (tables, stores; :func:`pipeline.reuse.finished_run`), so an interrupted
+grid resumes. Results: ``runs.csv`` (one row per run, size, split, subset,
 metric), ``results.csv`` (mean, std, n over seeds), ``results.md`` (one table per grid:
 test NDCG@10 / HR@10 for all users, cold and warm targets, mean +- std) and one PNG plot per
 grid under ``<out>/plots``. The popularity baseline is added to every table.
@@ -41,9 +42,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
+from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ BOTH = {"text_store": TEXT, "image_store": IMAGE}
 CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("sasrec-id", "SASRec, item ID"),
     Cell("iisan-text", "IISAN, text only", {"item_encoder": "iisan", "text_store": TEXT}),
-    Cell("iisan-image", "IISAN, image only (random ViT)",
+    Cell("iisan-image", "IISAN, image only",
          {"item_encoder": "iisan", "image_store": IMAGE}),
     Cell("iisan", "IISAN, text + image", {"item_encoder": "iisan", **BOTH}),
     Cell("concat", "concat-and-project (fMRLRec eq. 7) = frozen backbone",
@@ -88,7 +90,7 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("iisan-no-inter", "IISAN w/o inter-modal SAN",
          {"item_encoder": "iisan", "use_inter": False, **BOTH}),
     Cell("qformer", "Fusion-Q-Former (EM3)", {"item_encoder": "qformer", **BOTH}),
-    # text-only fusion rows: how much the random-weight image tower costs each fusion
+    # text-only fusion rows: what the image tower adds to (or costs) each fusion
     Cell("concat-text", "concat-and-project, text only",
          {"item_encoder": "concat", "text_store": TEXT}),
     Cell("qformer-text", "Fusion-Q-Former, text only",
@@ -231,18 +233,15 @@ def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
 
 
 def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``cfg``.
+    """Whether ``run_dir`` holds a finished run of ``cfg``'s config (``metrics.json`` exists).
 
-    The saved config is re-validated before the comparison, so a field added to TrainConfig
-    later (with a default that keeps the old behaviour) does not invalidate finished runs;
-    a saved config that no longer validates never matches.
+    The config comparison is :func:`pipeline.reuse.same_config` (the saved config is
+    re-validated, so a field added to TrainConfig later with a default that keeps the old
+    behaviour does not invalidate finished runs; a saved config that no longer validates
+    never matches). :func:`run_cell` also checks the run's inputs
+    (:func:`pipeline.reuse.finished_run`).
     """
-    try:
-        saved = TrainConfig(**json.loads((run_dir / "config.json").read_text())["train"])
-    except (OSError, ValueError, KeyError, TypeError, PipelineError):
-        return False
-    return (json.loads(saved.model_dump_json()) == json.loads(cfg.model_dump_json())
-            and (run_dir / "metrics.json").exists())
+    return bool(same_config(run_dir, cfg)) and (run_dir / "metrics.json").exists()
 
 
 def run_cell(exp: ExperimentConfig, cell: Cell, seed: int) -> dict[str, Any]:
@@ -258,13 +257,17 @@ def run_cell(exp: ExperimentConfig, cell: Cell, seed: int) -> dict[str, Any]:
             run_cell(exp, CELLS[cell.lora_base], seed)
     cfg = resolve(exp, cell, seed, lora_from)
     run_dir = cfg.out_dir / cfg.name
-    reused = _same_config(run_dir, cfg) and (run_dir / "train_summary.json").exists()
+    current = run_inputs(cfg)
+    decision = finished_run(run_dir, cfg, eval_cfg=cfg.eval, current=current)
+    reused = decision.reuse
     if reused:
         summary = json.loads((run_dir / "train_summary.json").read_text())
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        log.info("reusing %s (identical config, finished)", run_dir)
+        log.info("reusing %s (%s)", run_dir, decision.reason)
     else:
+        log.info("training %s: %s", cfg.name, decision.reason)
         summary = train(cfg)
+        record_inputs(run_dir, current)
         metrics = evaluate_checkpoint(run_dir, device=cfg.device)
     return {"cell": cell.id, "label": cell.label, "seed": seed, "reused": reused,
             "summary": summary, "metrics": metrics}

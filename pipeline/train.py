@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -300,31 +300,52 @@ def _load_stores(cfg: TrainConfig, tables, item_ids: np.ndarray
     fp = items_fingerprint(tables.items.sort_values("item_id"))
     if cfg.text_store is not None:
         text_h, s = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
-        specs["text"] = s.model_dump(mode="json")
+        specs["text"] = {**s.model_dump(mode="json"),
+                         "row_widths": list(_row_widths(s, cfg.text_layers))}
     if cfg.image_store is not None:
         image_h, s = load_cached(cfg.image_store, cfg.image_layers, fp, item_ids)
-        specs["image"] = s.model_dump(mode="json")
+        specs["image"] = {**s.model_dump(mode="json"),
+                          "row_widths": list(_row_widths(s, cfg.image_layers))}
     dtype = getattr(torch, cfg.cache_dtype)
 
-    def prep(h: torch.Tensor | None) -> torch.Tensor | None:
+    def prep(h: torch.Tensor | None, m: str) -> torch.Tensor | None:
         if h is None:
             return None
         if cfg.feature_norm == "standardize":
-            h = standardize(h)
+            h = standardize(h, specs[m]["row_widths"])
         return h.to(dtype)
-    return prep(text_h), prep(image_h), specs
+    return prep(text_h, "text"), prep(image_h, "image"), specs
 
 
-def standardize(h: torch.Tensor) -> torch.Tensor:
+def _row_widths(spec: StoreSpec, layers: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Real width of each loaded row (the requested layers of a store, in order)."""
+    stored = tuple(spec.layer_indices)
+    return tuple(spec.widths[stored.index(l)] for l in (layers or stored))
+
+
+def row_widths(specs: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
+    """``{"text_widths": ..., "image_widths": ...}`` of :func:`_load_stores`' specs, None for
+    uniform rows (so uniform stores build exactly the models they built before)."""
+    out: dict[str, tuple[int, ...] | None] = {}
+    for m in ("text", "image"):
+        w = tuple(specs[m]["row_widths"]) if m in specs else None
+        out[f"{m}_widths"] = w if w is not None and len(set(w)) > 1 else None
+    return out
+
+
+def standardize(h: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
     """Per-feature z-score over items, scaled to unit row norm: (N, K, D) -> (N, K, D) float32.
 
-    ``(h - mean_n h) / (std_n h * sqrt(D))`` for every (row k, dim d); features with
-    std < 1e-6 (e.g. a constant [CLS] embedding row) are only centred.
+    ``(h - mean_n h) / (std_n h * sqrt(d_k))`` for every (row k, dim d), d_k the row's real
+    width (``widths``; D when None); features with std < 1e-6 (e.g. a constant [CLS]
+    embedding row, or the zero padding of a narrow row) are only centred, so padding stays 0.
     """
     x = h.float()
     std = x.std(0, keepdim=True)  # (1, K, D)
     z = (x - x.mean(0, keepdim=True)) / torch.where(std < 1e-6, torch.ones_like(std), std)
-    return z / math.sqrt(x.shape[-1])
+    d = torch.tensor(list(widths) if widths is not None else [x.shape[-1]] * x.shape[1],
+                     dtype=z.dtype)
+    return z / d.sqrt().view(1, -1, *([1] * (z.dim() - 2)))  # (N, K, D)
 
 
 # --------------------------------------------------------------------------- models
@@ -347,12 +368,18 @@ def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
-                     image_h: torch.Tensor | None) -> torch.nn.Module:
-    """The configured item table: IDs, a content encoder over the cache, or content + IDs."""
+                     image_h: torch.Tensor | None,
+                     widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.nn.Module:
+    """The configured item table: IDs, a content encoder over the cache, or content + IDs.
+
+    ``widths``: :func:`row_widths` of mixed-width stores (a CNN's stages), passed to the
+    content encoders (row-wise DTL, see ``models.dtl``); None for uniform rows.
+    """
     if cfg.item_encoder == "id":
         return IDItemTable(num_items, cfg.hidden)
+    widths = {k: v for k, v in (widths or {}).items() if v is not None}
     dims = dict(text_dim=text_h.shape[2] if text_h is not None else 0,
-                image_dim=image_h.shape[2] if image_h is not None else 0)
+                image_dim=image_h.shape[2] if image_h is not None else 0, **widths)
     rows = dict(text_rows=text_h.shape[1] if text_h is not None else 0,
                 image_rows=image_h.shape[1] if image_h is not None else 0)
     if cfg.item_encoder == "iisan":
@@ -372,19 +399,30 @@ def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | No
     return table
 
 
-def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None) -> torch.Tensor:
-    """(N, F) VBPR item features: the top cached row of each given store, concatenated."""
-    return torch.cat([h[:, -1].float() for h in (text_h, image_h) if h is not None], dim=1)
+def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None,
+                  widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.Tensor:
+    """(N, F) VBPR item features: the top cached row of each given store, at its real width
+    (``widths``: :func:`row_widths`; rows are zero-padded to D), concatenated."""
+    widths = widths or {}
+    parts = []
+    for m, h in (("text", text_h), ("image", image_h)):
+        if h is not None:
+            w = widths.get(f"{m}_widths")
+            parts.append(h[:, -1, :w[-1] if w else h.shape[2]].float())  # (N, d_top)
+    return torch.cat(parts, dim=1)
 
 
 def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
-                image_h: torch.Tensor | None, num_users: int = 0) -> torch.nn.Module:
-    """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR."""
+                image_h: torch.Tensor | None, num_users: int = 0,
+                widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.nn.Module:
+    """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR.
+
+    ``widths``: :func:`row_widths` of the loaded stores (None: every row full width)."""
     if cfg.seq_model == "vbpr":
         return VBPR(VBPRConfig(num_users=num_users, num_items=num_items,
                                factors=cfg.vbpr_factors, visual_factors=cfg.vbpr_factors),
-                    vbpr_features(text_h, image_h))
-    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h),
+                    vbpr_features(text_h, image_h, widths))
+    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h, widths),
                                  build_seq_model(cfg))
 
 
@@ -412,6 +450,7 @@ def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid
     Returns: (one (n,) long rank tensor per size, (n,) target item indices).
     Raises: ConfigError if the score shape is wrong; InputDataError if no example.
     """
+    from pipeline import progress
     from pipeline.errors import InputDataError
     histories, targets = split.examples(stage)
     if not histories:
@@ -419,6 +458,11 @@ def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid
     users = torch.tensor([u for u, s in enumerate(split.sequences) if len(s) >= 3])
     n = split.num_items
     out: list[list[torch.Tensor]] = []
+    # a bar over user batches on a terminal, for large passes only (many users x items)
+    n_batches = -(-len(histories) // ecfg.batch_size)
+    users_bar = progress.bar(len(histories), f"rank {stage}", unit="user", leave=False,
+                             show=None if n_batches > 1 and len(histories) * n
+                             >= progress.EVAL_BAR_MIN_SCORES else False)
     for start in range(0, len(histories), ecfg.batch_size):
         hist, tgt = histories[start:start + ecfg.batch_size], targets[start:start + ecfg.batch_size]
         with torch.no_grad():
@@ -433,6 +477,8 @@ def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid
                 out.append([])
             out[k].append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
                                             mask).cpu())
+        users_bar.update(len(hist))
+    users_bar.close()
     return [torch.cat(r) for r in out], targets
 
 
@@ -488,6 +534,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """
     from safetensors.torch import load_file, save_file
 
+    from pipeline import progress
+
     cfg.check()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -497,7 +545,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     split = build_split(tables.interactions, item_ids)
     text_h, image_h, specs = _load_stores(cfg, tables, item_ids)
     dev = torch.device(cfg.device)
-    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids))
+    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
+                        row_widths(specs))
     lora_info: dict[str, Any] = {}
     if cfg.lora_from is not None:
         base = _base_checkpoint(cfg)
@@ -528,6 +577,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_secs = 0.0
     run_dir = cfg.out_dir / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: training on %d %s, %d items, %d trainable parameters, up to %d epochs "
+             "(early stop on valid %s, patience %d)", cfg.name, len(data[0]),
+             "pairs" if vbpr else "windows", split.num_items, n_params, cfg.max_epochs,
+             cfg.monitor, cfg.patience)
+    epochs_bar = progress.bar(cfg.max_epochs, cfg.name, unit="epoch")
     for epoch in range(1, cfg.max_epochs + 1):
         te = time.perf_counter()
         model.train()
@@ -558,15 +612,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ranks, _ = rank_examples(score, split, "valid", ecfg, dev)
         valid = {**metrics_from_ranks(ranks[-1], ecfg.ks), "n_users": len(ranks[-1])}
         value = valid[cfg.monitor]
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **valid,
-                        "seconds": round(time.perf_counter() - te, 3)})
-        log.info("%s epoch %d loss %.4f valid %s %.4f", cfg.name, epoch, np.mean(losses),
-                 cfg.monitor, value)
-        if value > best:
+        epoch_loss, epoch_s = float(np.mean(losses)), time.perf_counter() - te
+        history.append({"epoch": epoch, "loss": epoch_loss, **valid,
+                        "seconds": round(epoch_s, 3)})
+        improved = value > best
+        if improved:
             best, best_epoch = value, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= cfg.patience:
+        # one line per epoch (shown by Prefect: PREFECT_LOGGING_EXTRA_LOGGERS=pipeline)
+        log.info("%s epoch %d/%d loss %.4f valid %s %.4f (best %.4f @ %d) %.1f s", cfg.name,
+                 epoch, cfg.max_epochs, epoch_loss, cfg.monitor, value, best, best_epoch,
+                 epoch_s)
+        epochs_bar.update(1)
+        epochs_bar.set_postfix_str(f"loss {epoch_loss:.4f} {cfg.monitor} {value:.4f} "
+                                   f"best {best:.4f} @ {best_epoch}")
+        if not improved and epoch - best_epoch >= cfg.patience:
+            log.info("%s: stopping early after epoch %d: no better valid %s for %d epochs "
+                     "(best %.4f @ %d)", cfg.name, epoch, cfg.monitor, cfg.patience, best,
+                     best_epoch)
             break
+    epochs_bar.close()
     model.load_state_dict(best_state)
     if cfg.lora_from is not None:
         merge_lora(model.seq_model)
@@ -607,8 +672,9 @@ def load_checkpoint(run_dir: Path, device: str = "cpu"
     tables = read_tables(cfg.tables_dir)
     item_ids = tables.items.sort_values("item_id")["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
-    text_h, image_h, _ = _load_stores(cfg, tables, item_ids)
-    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids))
+    text_h, image_h, specs = _load_stores(cfg, tables, item_ids)
+    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
+                        row_widths(specs))
     model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
     return cfg, model.to(device).eval(), split
 
@@ -640,6 +706,9 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
            "test": top["test"]["all"], "sizes": list(sizes), "cold_threshold": cfg.cold_threshold,
            "by_size": by_size}
     (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
+    log.info("%s evaluated (exclude %s): valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
+             cfg.name, ecfg.exclude, out["valid"].get("NDCG@10", float("nan")),
+             out["test"].get("NDCG@10", float("nan")), out["test"].get("HR@10", float("nan")))
     return out
 
 

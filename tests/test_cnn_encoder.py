@@ -187,3 +187,32 @@ def test_random_init_cnn_is_seeded():
         load_weights(a, "/nonexistent.pth")
     cfg = cnn_architecture(s)
     assert cfg["weights_file"] is None
+
+
+def test_preprocessing_matches_the_checkpoints_batchnorm_statistics(small_tables):
+    """[-1, 1] inputs (timm's config for the Lite models) fit the stem BN's running stats;
+    ImageNet mean / std (the reference package's README) fit them far worse."""
+    from torchvision import transforms as T
+    from pipeline.cnn import stem_bn_mismatch
+    model, transform = build_cnn(preset("efficientnet-lite0"))
+    ims = _posters(small_tables, 32)
+    imagenet = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+                          T.CenterCrop(224), T.ToTensor(),
+                          T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    ours = stem_bn_mismatch(model, torch.stack([transform(im) for im in ims]))
+    theirs = stem_bn_mismatch(model, torch.stack([imagenet(im) for im in ims]))
+    assert ours["log_var_err"] < 0.6 < 1.2 < theirs["log_var_err"]
+    assert ours["mean_err"] < theirs["mean_err"]
+
+
+@pytest.mark.parametrize("arch,size", [("tf_efficientnet_lite0", 224),
+                                       ("tf_efficientnet_lite2", 260)])
+def test_layer_shapes_from_the_module_tree_equal_a_real_forward(arch, size):
+    import timm
+    from pipeline.cnn import _stage_features
+    model = timm.create_model(arch).eval()
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(torch.zeros(1, 3, size, size),
+                                                   extra_blocks=True)
+    real = [(h.shape[1], h.shape[2], h.shape[3]) for h in [*inter, final]]
+    assert _stage_features(model, size) == real

@@ -380,7 +380,8 @@ def test_flow_signatures_match_parameter_models():
                 call_default_factory=True), (fl.name, name)
     props = parameter_schema(cache_hidden_states).model_dump()["properties"]
     assert props["items_per_shard"]["minimum"] == 1
-    assert props["encoder"]["enum"] == ["minilm", "vit-b-32-random"]
+    assert props["encoder"]["enum"] == ["efficientnet-lite0", "efficientnet-lite1",
+                                        "efficientnet-lite2", "minilm", "vit-b-32-random"]
 
 
 def test_prefect_yaml_declares_every_flow():
@@ -569,7 +570,7 @@ def test_cache_deployments_complete_stores_one_gpu_job_at_a_time(stack, slice_ta
 
     # the stores are complete and hold every catalogue item
     ids_table = np.sort(read_items(slice_tables)["item_id"].to_numpy())
-    for name in ("text__minilm__mean.zarr", "image__vit-b-32-random__cls.zarr"):
+    for name in ("text__minilm__mean.zarr", "image__efficientnet-lite0__mean.zarr"):
         st = HiddenStateStore.open(stores / name)  # raises if half written
         assert st.is_complete() and np.array_equal(np.sort(st.item_ids), ids_table)
         assert st.read().shape[0] == len(ids_table)
