@@ -70,7 +70,7 @@ class RowDTL(nn.Module):
         if h.dim() != 3 or h.shape[1] != len(self.widths) or h.shape[2] < max(self.widths):
             raise ConfigError(f"RowDTL expects (N, {len(self.widths)}, >= {max(self.widths)}), "
                               f"got {tuple(h.shape)}")
-        rows = [m(h[:, k, :w]) for k, (m, w) in enumerate(zip(self.maps, self.widths))]
+        rows = [m(r[:, :w]) for r, m, w in zip(h.unbind(1), self.maps, self.widths)]
         return torch.stack(rows, dim=1)  # (N, K, d)
 
 

@@ -119,10 +119,11 @@ class IntraSAN(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (B, n, D) kept hidden states, row 0 = embedding output -> s_{n-1}: (B, D)."""
-        s = h[:, 0]  # (B, D)
+        rows = h.unbind(1)  # n x (B, D); backward stacks once (h[:, k] would fill n zero copies)
+        s = rows[0]  # (B, D)
         for k, (block, gate) in enumerate(zip(self.blocks, self.gates), start=1):
             g = gate()
-            s = block(g * h[:, k] + (1 - g) * s)  # (B, D)
+            s = block(g * rows[k] + (1 - g) * s)  # (B, D)
         return s
 
 
@@ -156,19 +157,20 @@ class InterSAN(nn.Module):
         self.gates = nn.ModuleList(Gate(use_gate) for _ in range(n_rows))
 
     @staticmethod
-    def _align(h: Tensor, dtl: nn.ModuleList | None) -> Tensor:
+    def _align(h: Tensor, dtl: nn.ModuleList | None) -> tuple[Tensor, ...]:
+        rows = h.unbind(1)  # n x (B, D)
         if dtl is None:
-            return h
-        return torch.stack([lin(h[:, k]) for k, lin in enumerate(dtl)], dim=1)  # (B, n, d_small)
+            return rows
+        return tuple(lin(r) for r, lin in zip(rows, dtl))  # n x (B, d_small)
 
     def forward(self, text_h: Tensor, image_h: Tensor) -> Tensor:
         """text_h: (B, n, Dt), image_h: (B, n, Di) -> s_{n-1}: (B, d_small)."""
         xt, xi = self._align(text_h, self.dtl_text), self._align(image_h, self.dtl_image)
         b = self.gates[0]()
-        s = b * xi[:, 0] + (1 - b) * xt[:, 0]  # (B, d_small)
+        s = b * xi[0] + (1 - b) * xt[0]  # (B, d_small)
         for k, block in enumerate(self.blocks, start=1):
             b = self.gates[k]()
-            s = block(s + b * xi[:, k] + (1 - b) * xt[:, k])  # (B, d_small)
+            s = block(s + b * xi[k] + (1 - b) * xt[k])  # (B, d_small)
         return s
 
 
