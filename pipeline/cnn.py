@@ -355,7 +355,10 @@ def load_cnn_encoder(spec: Any, arch: dict[str, Any], layers: Sequence[int]) -> 
     class CNNFrozenEncoder(FrozenEncoder):
         """FrozenEncoder whose hidden states are CNN stage outputs, zero-padded to D.
 
-        Token states (``pooling="tokens"``) put every kept layer on ``token_grid``.
+        Token states (``pooling="tokens"``) put every kept layer on ``token_grid``. The
+        model runs in ``channels_last`` memory format (NHWC: oneDNN's fast convolutions
+        on CPUs, measured 1.4x faster than NCHW for Lite0 at batch 32 on this machine;
+        values equal NCHW's to ~5e-6 relative, below float16 resolution).
 
         ``hidden_dim`` D is the widest kept layer; row k of an item holds hidden state
         ``layer_indices[k]`` in its first ``layer_widths[k]`` dims and zeros after them.
@@ -381,14 +384,15 @@ def load_cnn_encoder(spec: Any, arch: dict[str, Any], layers: Sequence[int]) -> 
                           ) -> dict[int, torch.Tensor]:
             """{index: (B, D) pooled or (B, T, D) token states}, zero-padded to D."""
             grid = self.token_grid if self.spec.pooling == "tokens" else None
-            hs = cnn_hidden_states(self.model, inputs["pixel_values"], self.layer_indices,
-                                   transform, grid)
+            px = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+            hs = cnn_hidden_states(self.model, px, self.layer_indices, transform, grid)
             D = self.hidden_dim
             return {i: torch.nn.functional.pad(h, (0, D - h.shape[-1])) for i, h in hs.items()}
 
         token_grid: tuple[int, int] = (1, 1)
 
     model, transform = build_cnn(spec)
+    model = model.to(memory_format=torch.channels_last)
     widths = [int(arch["layer_widths"][i]) for i in layers]
     return CNNFrozenEncoder(token_grid=tuple(arch["token_grid"]), spec=spec, model=model, blocks=list(model.blocks),
                             num_layers=int(arch["num_layers"]), hidden_dim=max(widths),
