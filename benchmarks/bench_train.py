@@ -94,7 +94,8 @@ def _iisan_variant(variant: str, tables: str, stores: str, threads: int, steps: 
     from models.san import IISANConfig, IISANItemEncoder
     from models.sasrec import SASRec, SASRecConfig
     from pipeline.split import build_split
-    from pipeline.train import TrainConfig, load_cached, training_windows
+    from pipeline.cached_inputs import load_cached
+    from pipeline.train import TrainConfig, training_windows
     from stores.tables import items_fingerprint, read_tables
 
     torch.set_num_threads(threads)

@@ -34,10 +34,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -58,8 +57,9 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
 from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores
 from pipeline.split import SequenceSplit, build_split, pad_left
-from stores.hidden_states import HiddenStateStore, StoreSpec, dump_json
-from stores.tables import items_fingerprint, read_tables
+from pipeline.cached_inputs import load_stores, row_widths
+from stores.hidden_states import dump_json
+from stores.tables import read_tables
 
 log = logging.getLogger(__name__)
 
@@ -268,86 +268,6 @@ def training_pairs(split: SequenceSplit) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(users)), torch.from_numpy(np.concatenate(items))
 
 
-def load_cached(store: Path, layers: tuple[int, ...] | None, items_fp: str,
-                item_ids: np.ndarray) -> tuple[torch.Tensor, StoreSpec]:
-    """Read a complete store into memory as a float16 tensor (N, K, D).
-
-    Raises:
-        StoreIncompleteError, StoreMismatchError: half-written store, or a store written
-            for another items table (field ``items_fingerprint``) or without ``layers``.
-    """
-    st = HiddenStateStore.open(store)
-    if st.spec.items_fingerprint != items_fp:
-        from pipeline.errors import StoreMismatchError
-        raise StoreMismatchError("items_fingerprint", items_fp, st.spec.items_fingerprint,
-                                 store=str(store))
-    # rows are aligned to the catalogue by item id: a grown store keeps rows in order of
-    # addition (UnknownItemError names a catalogue item the store does not hold)
-    if st.spec.dtype == "bfloat16":
-        from stores.hidden_states import bf16_bits_to_float32
-        data = bf16_bits_to_float32(st.read(layers=layers)[st.rows_for(item_ids)])
-        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.float16), st.spec
-    from stores.reader import load_hidden_states
-    return load_hidden_states(st, layers, item_ids=item_ids, dtype=torch.float16), st.spec
-
-
-def _load_stores(cfg: TrainConfig, tables, item_ids: np.ndarray
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-    text_h = image_h = None
-    specs: dict[str, Any] = {}
-    if cfg.text_store is None and cfg.image_store is None:
-        return None, None, specs
-    fp = items_fingerprint(tables.items.sort_values("item_id"))
-    if cfg.text_store is not None:
-        text_h, s = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
-        specs["text"] = {**s.model_dump(mode="json"),
-                         "row_widths": list(_row_widths(s, cfg.text_layers))}
-    if cfg.image_store is not None:
-        image_h, s = load_cached(cfg.image_store, cfg.image_layers, fp, item_ids)
-        specs["image"] = {**s.model_dump(mode="json"),
-                          "row_widths": list(_row_widths(s, cfg.image_layers))}
-    dtype = getattr(torch, cfg.cache_dtype)
-
-    def prep(h: torch.Tensor | None, m: str) -> torch.Tensor | None:
-        if h is None:
-            return None
-        if cfg.feature_norm == "standardize":
-            h = standardize(h, specs[m]["row_widths"])
-        return h.to(dtype)
-    return prep(text_h, "text"), prep(image_h, "image"), specs
-
-
-def _row_widths(spec: StoreSpec, layers: tuple[int, ...] | None) -> tuple[int, ...]:
-    """Real width of each loaded row (the requested layers of a store, in order)."""
-    stored = tuple(spec.layer_indices)
-    return tuple(spec.widths[stored.index(l)] for l in (layers or stored))
-
-
-def row_widths(specs: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
-    """``{"text_widths": ..., "image_widths": ...}`` of :func:`_load_stores`' specs, None for
-    uniform rows (so uniform stores build exactly the models they built before)."""
-    out: dict[str, tuple[int, ...] | None] = {}
-    for m in ("text", "image"):
-        w = tuple(specs[m]["row_widths"]) if m in specs else None
-        out[f"{m}_widths"] = w if w is not None and len(set(w)) > 1 else None
-    return out
-
-
-def standardize(h: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
-    """Per-feature z-score over items, scaled to unit row norm: (N, K, D) -> (N, K, D) float32.
-
-    ``(h - mean_n h) / (std_n h * sqrt(d_k))`` for every (row k, dim d), d_k the row's real
-    width (``widths``; D when None); features with std < 1e-6 (e.g. a constant [CLS]
-    embedding row, or the zero padding of a narrow row) are only centred, so padding stays 0.
-    """
-    x = h.float()
-    std = x.std(0, keepdim=True)  # (1, K, D)
-    z = (x - x.mean(0, keepdim=True)) / torch.where(std < 1e-6, torch.ones_like(std), std)
-    d = torch.tensor(list(widths) if widths is not None else [x.shape[-1]] * x.shape[1],
-                     dtype=z.dtype)
-    return z / d.sqrt().view(1, -1, *([1] * (z.dim() - 2)))  # (N, K, D)
-
-
 # --------------------------------------------------------------------------- models
 
 def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -543,7 +463,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     items = tables.items.sort_values("item_id")
     item_ids = items["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
-    text_h, image_h, specs = _load_stores(cfg, tables, item_ids)
+    text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     dev = torch.device(cfg.device)
     model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
                         row_widths(specs))
@@ -672,7 +592,7 @@ def load_checkpoint(run_dir: Path, device: str = "cpu"
     tables = read_tables(cfg.tables_dir)
     item_ids = tables.items.sort_values("item_id")["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
-    text_h, image_h, specs = _load_stores(cfg, tables, item_ids)
+    text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
                         row_widths(specs))
     model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))

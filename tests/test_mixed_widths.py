@@ -17,7 +17,8 @@ from models.item_encoders import LinearFusionConfig, LinearFusionEncoder
 from models.qformer import FusionQFormer, FusionQFormerConfig
 from models.san import IISANConfig, IISANItemEncoder
 from pipeline.errors import ConfigError
-from pipeline.train import standardize, vbpr_features
+from pipeline.cached_inputs import standardize
+from pipeline.train import vbpr_features
 
 WIDTHS = (3, 5, 2, 8)  # K = 4 rows, padded to D = 8
 D = 8
