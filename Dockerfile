@@ -15,10 +15,11 @@ WORKDIR /app
 
 # dependencies first, so that code edits do not reinstall PyTorch
 COPY pyproject.toml README.md ./
-RUN mkdir -p pipeline stores models flows \
-    && touch pipeline/__init__.py stores/__init__.py models/__init__.py flows/__init__.py \
+RUN mkdir -p mmcache pipeline stores models flows \
+    && touch mmcache/__init__.py pipeline/__init__.py stores/__init__.py models/__init__.py flows/__init__.py \
     && pip install -e .
 
+COPY mmcache mmcache
 COPY pipeline pipeline
 COPY stores stores
 COPY models models

@@ -8,7 +8,7 @@
 * :class:`SequenceEncoder` - base class giving ``hidden`` (D) and ``sizes`` (Matryoshka
   widths, default ``(D,)``) from ``cfg``.
 
-Pure torch; errors: :class:`pipeline.errors.ConfigError`.
+Pure torch; errors: :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 
 def require_ints(cfg: Any, names: Iterable[str], minimum: int = 1) -> None:

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 
 def check_widths(name: str, widths: Sequence[int] | None, rows: int, dim: int) -> tuple[int, ...]:

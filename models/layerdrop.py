@@ -24,14 +24,14 @@ Policies:
       28 -> 2,7,...,27; 48 -> 2,11,20,29,38,47; 6 -> 0..5.
     * all / explicit: every block, or a user-given list of 0-based blocks.
 
-Pure Python; raises :class:`pipeline.errors.ConfigError` for every invalid setting.
+Pure Python; raises :class:`mmcache.errors.ConfigError` for every invalid setting.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Literal
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 Policy = Literal["all", "symmetric", "asymmetric", "explicit"]
 POLICIES: tuple[str, ...] = ("all", "symmetric", "asymmetric", "explicit")

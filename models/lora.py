@@ -24,7 +24,7 @@ from typing import Sequence
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .matryoshka import MatryoshkaLinear
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 MASK_VALUE = -1e4
 

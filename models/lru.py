@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes

@@ -28,7 +28,7 @@ Where this departs from the public code:
     * It supports square maps only; here ``in_mult`` / ``out_mult`` give the rectangular
       cases of eq. 2 (e.g. the 4x FFN of SASRec).
 
-Errors: :class:`pipeline.errors.ConfigError`.
+Errors: :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 
 def check_sizes(sizes: Sequence[int], hidden: int | None = None,

@@ -8,7 +8,7 @@ the padding side.
 
 Conventions: ``mask`` is (B, T), True / 1 for real tokens and False / 0 for padding (the
 Hugging Face ``attention_mask``). Every row must contain at least one real token.
-Errors are :class:`pipeline.errors.ConfigError`.
+Errors are :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 POOLINGS: tuple[str, ...] = ("cls", "mean", "last")
 

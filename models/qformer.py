@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .common import require_fractions, require_ints
 from .dtl import RowDTL, check_widths, mixed

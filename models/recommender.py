@@ -17,7 +17,7 @@ Departures from SASRec / RecBole: item embeddings are not multiplied by sqrt(D) 
 does for ID tables); the sequence encoder normalises ``x + P`` with a LayerNorm, as the
 MoRec / IISAN user encoder does, which makes such a scale moot. Embedding dropout is the
 encoder's. The padding item is never a softmax candidate (RecBole's CE keeps it).
-Errors: :class:`pipeline.errors.ConfigError`.
+Errors: :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .losses import bpr_loss, debiased_in_batch_ce, matryoshka_ce, sample_negatives
 from .matryoshka import size_index

@@ -34,7 +34,7 @@ Where this departs from the paper / public code:
       d = 768); the papers do not fix it in the text.
 
 Shapes: N items, n rows (kept hidden states), D / Dt / Di hidden widths.
-Errors: :class:`pipeline.errors.ConfigError`.
+Errors: :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .dtl import RowDTL, check_widths, mixed
 

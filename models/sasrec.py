@@ -31,7 +31,7 @@ permutation of the usual contiguous heads), hence head h of size s is a subset o
 every larger size. Output block j (features ``[s_{j-1}, s_j)``) is attended with the
 size-``s_j`` logits ``q[:s_j] . k[:s_j] / sqrt(s_j / n_heads)``, which is what the extracted
 size-``s_j`` model computes. Cost: one attention per size.
-Errors: :class:`pipeline.errors.ConfigError`.
+Errors: :class:`mmcache.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 from .common import (SequenceEncoder, check_sequence_inputs, init_normal_, require_fractions,
                      require_ints)

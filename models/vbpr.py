@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from mmcache.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from pipeline.errors import ConfigError, StoreError
+from mmcache.errors import ConfigError, StoreError
 from stores.hidden_states import HiddenStateStore, estimate_bytes
 
 

@@ -68,7 +68,7 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import (ConfigError, StoreCorruptError, StoreError, StoreIncompleteError,
+from mmcache.errors import (ConfigError, StoreCorruptError, StoreError, StoreIncompleteError,
                              StoreLockedError, StoreMismatchError, StoreNotFoundError,
                              UnknownItemError)
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.errors import ConfigError, StoreError, StoreIncompleteError
+from mmcache.errors import ConfigError, StoreError, StoreIncompleteError
 from stores.hidden_states import HiddenStateStore, StoreSpec, _is_local, _local_path
 
 if TYPE_CHECKING:

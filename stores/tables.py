@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputDataError, UnknownItemError
+from mmcache.errors import InputDataError, UnknownItemError
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
