@@ -13,11 +13,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 
-# dependencies first, so that code edits do not reinstall PyTorch
-COPY pyproject.toml README.md ./
+# dependencies first, so that code edits do not reinstall PyTorch; constraints.txt pins every
+# package to the versions the tests ran with (torch, transformers, prefect ... do not float)
+COPY pyproject.toml README.md constraints.txt ./
 RUN mkdir -p mmcache pipeline stores models flows \
     && touch mmcache/__init__.py pipeline/__init__.py stores/__init__.py models/__init__.py flows/__init__.py \
-    && pip install -e .
+    && pip install -c constraints.txt -e .
 
 COPY mmcache mmcache
 COPY pipeline pipeline
@@ -27,7 +28,8 @@ COPY flows flows
 COPY prefect.yaml ./
 COPY data data
 
-# `prefect deploy` runs in /app, so deployments pull (set their working directory) to /app;
-# relative paths in deployment parameters (outputs/demo/...) land on the `stores` volume.
+# Deployments pull (set their working directory) to the Prefect Variable mmcache_project_dir
+# (/app here, set by `flows/stack.py setup`); their data paths come from the Variables
+# mmcache_tables_dir / mmcache_store_dir / mmcache_checkpoint_dir (on the `stores` volume).
 RUN mkdir -p /app/outputs /models
-CMD ["prefect", "worker", "start", "--pool", "mmcache", "--type", "process"]
+CMD ["prefect", "worker", "start", "--pool", "mmcache", "--type", "process", "--with-healthcheck"]

@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_store.py            # full run (~2-4 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_store.py --quick    # smaller repeats (smoke test)
+    .venv/bin/python benchmarks/bench_store.py --load-only  # only the load figures
 
 On the same bytes (one random float16 array per shape, written both as a store and as a
 ``.npy`` file), it measures:
@@ -15,7 +16,9 @@ On the same bytes (one random float16 array per shape, written both as a store a
    of the process (user + system: robust to other processes on a shared machine); then
    ``HiddenStateStore.read()`` and plain zarr ``arr[:]`` for reference. Warm page cache, and
    cold (the files evicted from the page cache with ``posix_fadvise(DONTNEED)`` before each
-   read: only these files, nothing global). Target: reader within 1.5x of numpy.
+   read: only these files, nothing global). Target: reader within 1.5x of numpy **with
+   verification on** (every shard checked against its XXH3 checksum, the default); the
+   unverified load (``verify=False``) is timed alongside to show what the check costs.
 2. **Stage-2 step time**: (a) an IISAN (text + image) + SASRec full-softmax training step
    over the demo-sized tensors, with the tensors loaded by the reader vs the same tensors
    from ``numpy.load``; (b) a streamed item-tower step: IISAN's item encoder trained shard by
@@ -107,7 +110,8 @@ def bench_load(store: Path, npy: Path, x: np.ndarray, repeats: int, cold_repeats
     """numpy.load vs the reader, interleaved (A B A B ...), then the zarr paths for reference."""
     ways = {
         "numpy_load": lambda: np.load(npy),
-        "reader_load": lambda: HiddenStateReader(store).load(),
+        "reader_load": lambda: HiddenStateReader(store).load(),          # verified (default)
+        "reader_load_unverified": lambda: HiddenStateReader(store, verify=False).load(),
         "store_read": lambda: HiddenStateStore.open(store).read(),
         "zarr_getitem": lambda: np.asarray(HiddenStateStore.open(store).group["hidden_states"][:]),
     }
@@ -121,7 +125,7 @@ def bench_load(store: Path, npy: Path, x: np.ndarray, repeats: int, cold_repeats
     wall: dict[str, list[float]] = {k: [] for k in ways}
     cpu: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):
-        for name in ("numpy_load", "reader_load"):
+        for name in ("numpy_load", "reader_load", "reader_load_unverified"):
             w, c = timed_both(ways[name])
             wall[name].append(w)
             cpu[name].append(c)
@@ -155,6 +159,11 @@ def bench_load(store: Path, npy: Path, x: np.ndarray, repeats: int, cold_repeats
         "reader_over_numpy_wall_min": ratio(best),
         "reader_over_numpy_cpu_median": ratio(cmed),
         "reader_over_numpy_cold": ratio(cold_med) if cold_med else None,
+        "unverified_over_numpy_wall_median": round(med["reader_load_unverified"]
+                                                   / med["numpy_load"], 3),
+        "unverified_over_numpy_cpu_median": round(cmed["reader_load_unverified"]
+                                                  / cmed["numpy_load"], 3),
+        "verified_shard_reads": r.files.stats["verified_shards"],
         "zarr_over_numpy_wall_median": round(med["zarr_getitem"] / med["numpy_load"], 3),
         "reader_GBps_wall_median": round(x.nbytes / med["reader_load"] / 1e9, 3),
         "numpy_GBps_wall_median": round(x.nbytes / med["numpy_load"] / 1e9, 3),
@@ -295,6 +304,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     p.add_argument("--workdir", type=Path, default=None, help="where the temporary stores go")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--load-only", action="store_true",
+                   help="only the load figures (skip the stage-2 step benchmarks)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -319,8 +330,9 @@ def main() -> int:
             np.save(work / "real.npy", x)
             res["load"]["real_demo_image_store"] = bench_load(demo_real, work / "real.npy", x,
                                                               repeats, cold)
-        res["step_full_softmax"] = bench_full_step(text_s, demo_s, text_n, demo_n, steps)
-        res["step_streamed_item_tower"] = bench_stream_step(big_s, big_n, epochs)
+        if not args.load_only:
+            res["step_full_softmax"] = bench_full_step(text_s, demo_s, text_n, demo_n, steps)
+            res["step_streamed_item_tower"] = bench_stream_step(big_s, big_n, epochs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg"] = {"before": [round(v, 2) for v in load_before],
@@ -342,17 +354,25 @@ def main() -> int:
               f"{c['reader_load']:.4f} | {r['reader_over_numpy_wall_median']:.2f} "
               f"{r['reader_over_numpy_wall_min']:.2f} {r['reader_over_numpy_cpu_median']:.2f}  | "
               f"{m['store_read']:10.4f} {m['zarr_getitem']:8.4f} | {cold_txt}")
-    f = res["step_full_softmax"]
-    print(f"IISAN+SASRec full-softmax step ({f['items']} items, batch {f['batch']}): "
-          f"in-memory {f['step_seconds_median']['in_memory']:.4f} s, reader-loaded "
-          f"{f['step_seconds_median']['reader']:.4f} s, ratio {f['reader_over_in_memory']:.3f}")
-    s = res["step_streamed_item_tower"]
-    print(f"item-tower step per shard ({s['shape']}, {s['items_per_shard']} items/shard, budget "
-          f"{s['memory_budget_bytes']:,} B < {s['selection_bytes']:,} B): in-memory "
-          f"{s['step_seconds_median']['in_memory']:.4f} s, streamed "
-          f"{s['step_seconds_median']['streamed']:.4f} s, ratio "
-          f"{s['streamed_over_in_memory_step']:.3f} (epoch ratio "
-          f"{s['streamed_over_in_memory_epoch']:.3f})")
+    print("verified reads (the default) vs unverified: wall median / CPU median over numpy.load")
+    for name, r in res["load"].items():
+        print(f"  {name:26s} verified {r['reader_over_numpy_wall_median']:.2f} / "
+              f"{r['reader_over_numpy_cpu_median']:.2f}   unverified "
+              f"{r['unverified_over_numpy_wall_median']:.2f} / "
+              f"{r['unverified_over_numpy_cpu_median']:.2f}   "
+              f"({r['verified_shard_reads']} of {r['shards']} shards checked per load)")
+    if "step_full_softmax" in res:
+        f = res["step_full_softmax"]
+        print(f"IISAN+SASRec full-softmax step ({f['items']} items, batch {f['batch']}): "
+              f"in-memory {f['step_seconds_median']['in_memory']:.4f} s, reader-loaded "
+              f"{f['step_seconds_median']['reader']:.4f} s, ratio {f['reader_over_in_memory']:.3f}")
+        s = res["step_streamed_item_tower"]
+        print(f"item-tower step per shard ({s['shape']}, {s['items_per_shard']} items/shard, budget "
+              f"{s['memory_budget_bytes']:,} B < {s['selection_bytes']:,} B): in-memory "
+              f"{s['step_seconds_median']['in_memory']:.4f} s, streamed "
+              f"{s['step_seconds_median']['streamed']:.4f} s, ratio "
+              f"{s['streamed_over_in_memory_step']:.3f} (epoch ratio "
+              f"{s['streamed_over_in_memory_epoch']:.3f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")

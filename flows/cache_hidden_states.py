@@ -18,7 +18,8 @@ Prefect concurrency limit on that tag keeps one encoder job per GPU. Shard tasks
 idempotent, so they are retried with exponential backoff; data errors are not retried.
 Tasks exchange paths, shard ids, counts and seconds only; tensors go straight to the store.
 Artifacts: a progress bar (items done / total) while encoding, and a markdown report
-(store bytes, items/s, shards) per run.
+(store bytes, items/s, shards) per run; a run that wrote shards materializes the store as a
+Prefect asset (``file://<store>``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 # creates the database) and the pipeline package's log lines in the flow's output
 import flows._prefect_start  # noqa: E402,F401
 
-import argparse
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+from urllib.parse import quote
+
 from prefect import flow, get_run_logger, task
+from prefect.assets import Asset, AssetProperties, add_asset_metadata, materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                update_progress_artifact)
@@ -50,9 +52,8 @@ from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
 from flows.params import (BatchSize, CacheMode, CacheParams, Device, EncoderName, Retries,
-                          Seconds, ShardSize, add_model_arguments, model_from_args,
-                          resolve_device)
-from pipeline.cache import CacheConfig
+                          Seconds, ShardSize, resolve_device)
+from pipeline.cache import CacheConfig, store_status
 from pipeline.encoders import EncoderSpec, preset
 from pipeline.errors import ConfigError, InputDataError, StoreMismatchError
 from pipeline.fanout import encode_group
@@ -117,6 +118,32 @@ def encode_task(cfg: CacheConfig, shards: list[int], device: str = "auto",
     """
     return encode_group(cfg, shards, run_id or f"prefect-{label}",
                         device=resolve_device(device))
+
+
+def store_asset(store: str | Path) -> Asset:
+    """The Prefect asset of a hidden-state store: ``file://<absolute path>`` (percent-encoded).
+
+    Cache runs materialize it (:func:`record_store_asset`); training runs list it in their
+    ``asset_deps`` (``flows.train.train_on``), so the UI's asset graph shows which store a
+    model was trained from.
+    """
+    p = Path(store).resolve()
+    return Asset(key="file://" + quote(p.as_posix(), safe="/-_.~"),
+                 properties=AssetProperties(name=p.name,
+                                            description="mmcache hidden-state store (Zarr)"))
+
+
+def _store_written(store: str, figures: dict[str, Any]) -> dict[str, Any]:
+    add_asset_metadata(store_asset(store), figures)
+    return figures
+
+
+def record_store_asset(store: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """A task run that materializes the store's asset with ``figures`` (items, shards,
+    seconds, bytes) as its metadata. Call inside a flow."""
+    t = materialize(store_asset(store), task_run_name=f"store-{Path(store).name}",
+                    cache_policy=NO_CACHE)(_store_written)
+    return t(store, figures)
 
 
 def _sum_figures(results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -249,8 +276,14 @@ def run_cache(cfg: CacheConfig, *, mode: str = "append",
             task_runner=make_task_runner(rcfg),
             flow_run_name=f"encode-{vcfg.encoder.modality}-{vcfg.encoder.name}")
         figures = sub(vcfg, plan["store"], groups, device, rcfg, shard_timeout_s, shard_retries)
-        res = {**plan, **figures, "skipped": False}
+        # the plan said "not complete" before the shards were written: ask the store now
+        res = {**plan, **figures, "skipped": False,
+               "complete": bool(store_status(plan["store"])["complete"])}
     res["store_bytes"] = store_bytes(res["store"])
+    if not res["skipped"]:
+        record_store_asset(res["store"], {k: res.get(k) for k in (
+            "version", "action", "num_shards", "shards_written", "items", "seconds",
+            "store_bytes")})
     if report:
         create_markdown_artifact(
             key=artifact_key("cache-report", cfg.encoder.modality, cfg.encoder.name),
@@ -289,13 +322,32 @@ def cache_hidden_states(tables_dir: str = "outputs/demo/tables",
                      shard_timeout_s=p.shard_timeout_s, shard_retries=p.shard_retries)
 
 
+def cli() -> "Any":
+    """The command line of this flow, generated from :class:`flows.params.CacheParams`."""
+    from flows.cli import ModelCli
+    return ModelCli(CacheParams, "flows/cache_hidden_states.py",
+                    description=__doc__.split("\n\n")[0],
+                    shortcuts={"tables_dir": "tables", "store_dir": "stores"})
+
+
+def summary(res: dict[str, Any]) -> str:
+    """The run in one line: store, what was done, items, seconds (not the whole result)."""
+    if res.get("skipped"):
+        return f"store {res['store']}: complete ({res['num_shards']} shards), nothing to do"
+    return (f"store {res['store']}: {res.get('action', 'written')}, "
+            f"{res.get('shards_written', 0)} of {res['num_shards']} shards written, "
+            f"{res.get('items', 0)} items in {res.get('seconds', 0.0)} s "
+            f"({res.get('items_per_s', 0.0)} items/s), {res.get('store_bytes', 0):,} bytes")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python flows/cache_hidden_states.py --help``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(p, CacheParams, aliases={"tables_dir": ["--tables"],
-                                                 "store_dir": ["--stores"]})
-    params = model_from_args(CacheParams, p.parse_args(argv))
-    print(json.dumps(cache_hidden_states(**params.model_dump()), indent=2, default=str))
+    """Command line: ``python flows/cache_hidden_states.py --help``.
+
+    A bad value ends with one ``error:`` line naming the flag (exit 2); a finished run
+    prints :func:`summary`.
+    """
+    params = cli().parse(argv)
+    print(summary(cache_hidden_states(**params.model_dump())))
 
 
 if __name__ == "__main__":

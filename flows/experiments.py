@@ -11,13 +11,16 @@ Grids: ``modality``, ``iisan``, ``fusion``, ``seq``, ``mrl``, ``all``, ``smoke``
 needs stores with every hidden state, which the flow caches first into ``<out>/stores``
 (stage 1, encoder presets with ``layer_policy="all"``; a complete store is reused) unless
 ``--text-store-all`` / ``--image-store-all`` are given.
-Each (cell, seed) is one task; with ``--workers N > 1`` the runs go to N worker processes
-(one torch thread each by default: on this shared 2-core machine two OpenMP threads per
-process spin and slow every step several-fold), each run seeding its own process so results
-do not depend on scheduling; a LoRA cell waits for its base run. Finished runs with an
+Each (cell, seed) is one Prefect task run (``run-<cell>-s<seed>``) with its own state, logs
+and retries, submitted in the ``experiment-runs`` subflow; with ``--workers N > 1`` that
+subflow runs on Prefect's ``ProcessPoolTaskRunner`` (N worker processes, one torch thread
+each by default: on this shared 2-core machine two OpenMP threads per process spin and slow
+every step several-fold), each run seeding its own process so results do not depend on
+scheduling; a LoRA cell waits for its base run (``wait_for``). Finished runs with an
 identical config and unchanged inputs (tables, stores: ``pipeline.reuse``) are reused, so an
 interrupted grid resumes. Results: ``results.md``,
-``results.csv``, ``runs.csv`` and ``plots/*.png`` under ``--out``, plus a markdown artifact.
+``results.csv``, ``runs.csv`` and ``plots/*.png`` under ``--out``, plus a table artifact of
+the test metrics (mean and std over seeds) and a markdown artifact of ``results.md``.
 No Prefect server is needed (a temporary local API is started).
 """
 
@@ -35,24 +38,19 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 # creates the database) and the pipeline package's log lines in the flow's output
 import flows._prefect_start  # noqa: E402,F401
 
-import argparse
-import json
-import multiprocessing as mp
+import csv
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows.params import (BatchSize, Epochs, ExperimentsParams, Exclude, GridName,
+                          ImageEncoderName, Seed, TextEncoderName)
 from pipeline.experiments import (ExperimentConfig, grid_cells, needed_stores, run_cell_by_id,
                                   write_results)
-
-# worker processes of the running flow (None: runs execute in the flow's own process)
-_POOL: ProcessPoolExecutor | None = None
-_THREADS: int | None = None
 
 
 def all_layer_spec(preset_name: str):
@@ -88,11 +86,36 @@ def _store_unavailable(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(task_run_name="run-{cell_id}-s{seed}", retries=2, retry_delay_seconds=180,
       retry_condition_fn=_store_unavailable)
-def run_cell_task(exp: ExperimentConfig, cell_id: str, seed: int) -> dict[str, Any]:
-    """Train (or reuse) and evaluate one (cell, seed); returns small figures only."""
-    if _POOL is None:
-        return run_cell_by_id(exp, cell_id, seed, _THREADS)
-    return _POOL.submit(run_cell_by_id, exp, cell_id, seed, _THREADS).result()
+def run_cell_task(exp: ExperimentConfig, cell_id: str, seed: int,
+                  threads: int | None = 1) -> dict[str, Any]:
+    """Train (or reuse) and evaluate one (cell, seed) where the task runs (the flow's
+    process, or a ProcessPoolTaskRunner worker); returns small figures only."""
+    get_run_logger().info("run %s seed %d (%s torch threads, pid %d)", cell_id, seed, threads,
+                          os.getpid())
+    return run_cell_by_id(exp, cell_id, seed, threads)
+
+
+@flow(name="experiment-runs", log_prints=True)
+def experiment_runs_flow(exp: ExperimentConfig, threads: int | None = 1) -> list[dict[str, Any]]:
+    """Subflow: one ``run_cell_task`` per (cell, seed) on the subflow's task runner.
+
+    A LoRA cell's task waits for its base run of the same seed. Returns the runs' results in
+    grid order. Raises the first failed run's error (after its retries).
+    """
+    futures: dict[tuple[str, int], Any] = {}
+    for c in grid_cells(exp):
+        for s in exp.seeds:
+            base = futures.get((c.lora_base, s)) if c.lora_base else None
+            futures[(c.id, s)] = run_cell_task.with_options(task_run_name=f"run-{c.id}-s{s}").submit(
+                exp, c.id, s, threads, wait_for=[base] if base is not None else None)
+    return [f.result() for f in futures.values()]
+
+
+def runs_task_runner(workers: int) -> Any:
+    """``ProcessPoolTaskRunner(workers)`` for ``workers > 1``, else one thread (in order)."""
+    if workers > 1:
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=1)
 
 
 @task(task_run_name="results-{exp.grid}")
@@ -112,119 +135,113 @@ def _store(stores: str | None, preset_name: str | None) -> str | None:
 
 
 @flow(name="experiments", log_prints=True)
-def experiments_flow(grid: str = "all", tables_dir: str = "outputs/demo/tables",
+def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tables",
                      out_dir: str = "outputs/experiments",
                      store_dir: str | None = "outputs/demo/stores",
-                     text_encoder: str | None = "minilm",
-                     image_encoder: str | None = "efficientnet-lite0",
+                     text_encoder: TextEncoderName | None = "minilm",
+                     image_encoder: ImageEncoderName | None = "efficientnet-lite0",
                      text_store: str | None = None, image_store: str | None = None,
                      text_store_all: str | None = None, image_store_all: str | None = None,
-                     seeds: list[int] | None = None, max_epochs: int = 20, patience: int = 5,
-                     batch_size: int = 128, lr: float = 3e-3,
+                     seeds: list[Seed] | None = None, max_epochs: Epochs = 20,
+                     patience: Epochs = 5, batch_size: BatchSize = 128, lr: float = 3e-3,
                      mrl_sizes: list[int] | None = None, short_len: int = 10,
-                     exclude: str = "all", train: dict[str, Any] | None = None,
+                     exclude: Exclude = "all", train: dict[str, Any] | None = None,
                      workers: int = 1, threads: int | None = 1) -> dict[str, Any]:
-    """Run a grid (see module docstring); returns the result file paths and the table.
+    """Run a grid (parameters: :class:`flows.params.ExperimentsParams`); returns the result
+    file paths and the markdown table.
 
-    ``workers``: runs in parallel (worker processes; 1 = in this process). ``threads``:
-    torch threads per run (None = torch's default).
+    ``workers``: runs in parallel (ProcessPoolTaskRunner processes; 1 = in this process, in
+    order). ``threads``: torch threads per run (None = torch's default).
     """
-    global _POOL, _THREADS
+    p = ExperimentsParams(grid=grid, tables_dir=tables_dir, out_dir=out_dir, store_dir=store_dir,
+                          text_encoder=text_encoder, image_encoder=image_encoder,
+                          text_store=text_store, image_store=image_store,
+                          text_store_all=text_store_all, image_store_all=image_store_all,
+                          seeds=seeds, max_epochs=max_epochs, patience=patience,
+                          batch_size=batch_size, lr=lr, mrl_sizes=mrl_sizes,
+                          short_len=short_len, exclude=exclude, train=train, workers=workers,
+                          threads=threads)
     logger = get_run_logger()
     t0 = time.perf_counter()
     exp = ExperimentConfig(
-        grid=grid, tables_dir=Path(tables_dir), out_dir=Path(out_dir),
-        text_store=text_store or _store(store_dir, text_encoder),
-        image_store=image_store or _store(store_dir, image_encoder),
-        text_store_all=text_store_all, image_store_all=image_store_all,
-        seeds=tuple(seeds or (1, 2)), max_epochs=max_epochs, patience=patience,
-        batch_size=batch_size, lr=lr, mrl_sizes=tuple(mrl_sizes or (16, 32, 64, 128)),
-        short_len=short_len, train=train or {}, eval={"exclude": exclude})
+        grid=p.grid, tables_dir=Path(p.tables_dir), out_dir=Path(p.out_dir),
+        text_store=p.text_store or _store(p.store_dir, p.text_encoder),
+        image_store=p.image_store or _store(p.store_dir, p.image_encoder),
+        text_store_all=p.text_store_all, image_store_all=p.image_store_all,
+        seeds=tuple(p.seeds or (1, 2)), max_epochs=p.max_epochs, patience=p.patience,
+        batch_size=p.batch_size, lr=p.lr, mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
+        short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude})
     need = needed_stores(exp)
     update = {}
-    for key, enc in (("text_store_all", text_encoder), ("image_store_all", image_encoder)):
+    for key, enc in (("text_store_all", p.text_encoder), ("image_store_all", p.image_encoder)):
         if key in need and getattr(exp, key) is None:
             if enc is None:
-                raise ValueError(f"grid {grid!r} needs {key}: give it, or the encoder preset "
+                raise ValueError(f"grid {p.grid!r} needs {key}: give it, or the encoder preset "
                                  f"to cache it")
             # kept with the experiment's outputs, apart from the shared stores of the demo
-            update[key] = cache_all_layers_task(tables_dir, str(Path(out_dir) / "stores"), enc)
+            update[key] = cache_all_layers_task(p.tables_dir, str(Path(p.out_dir) / "stores"),
+                                                enc)
     if update:
         exp = exp.model_copy(update={k: Path(v) for k, v in update.items()})
     cells = grid_cells(exp)
-    logger.info("grid %s: %d cells x %d seeds, %d worker(s)", grid, len(cells), len(exp.seeds),
-                workers)
-    _THREADS = threads
-    if workers > 1:
-        _POOL = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-    try:
-        if workers <= 1:  # in order, in this process (a LoRA base precedes its LoRA cell)
-            results = [run_cell_task.with_options(task_run_name=f"run-{c.id}-s{s}")(exp, c.id, s)
-                       for c in cells for s in exp.seeds]
-            return _finish(results, exp, t0, grid)
-        futures: dict[tuple[str, int], Any] = {}
-        for c in cells:
-            for s in exp.seeds:
-                base = futures.get((c.lora_base, s)) if c.lora_base else None
-                futures[(c.id, s)] = run_cell_task.with_options(
-                    task_run_name=f"run-{c.id}-s{s}").submit(
-                        exp, c.id, s, wait_for=[base] if base is not None else None)
-        results = [f.result() for f in futures.values()]
-    finally:
-        if _POOL is not None:
-            _POOL.shutdown()
-        _POOL, _THREADS = None, None
-    return _finish(results, exp, t0, grid)
-
-
-def _finish(results: list[dict[str, Any]], exp: ExperimentConfig, t0: float,
-            grid: str) -> dict[str, Any]:
+    logger.info("grid %s: %d cells x %d seeds, %d worker(s)", p.grid, len(cells),
+                len(exp.seeds), p.workers)
+    runs = experiment_runs_flow.with_options(
+        task_runner=runs_task_runner(p.workers), flow_run_name=f"runs-{p.grid}")
+    results = runs(exp, p.threads)
     out = results_task(results, exp, time.perf_counter() - t0)
-    create_markdown_artifact(key=f"experiments-{grid}".replace("_", "-"),
-                             markdown=out["markdown"], description=f"grid {grid}")
+    key = f"experiments-{p.grid}".replace("_", "-")
+    create_table_artifact(key=f"{key}-table", table=metrics_table_rows(Path(out["results_csv"])),
+                          description=f"grid {p.grid}: test metrics, mean and std over "
+                                      f"{len(exp.seeds)} seed(s), history exclusion "
+                                      f"{p.exclude}")
+    create_markdown_artifact(key=key, markdown=out["markdown"], description=f"grid {p.grid}")
     print(out["markdown"])
     return out
 
 
+def metrics_table_rows(results_csv: Path) -> list[dict[str, Any]]:
+    """Rows of ``results.csv`` for the test split over all users (the table artifact)."""
+    with open(results_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f)
+                if r.get("split") == "test" and r.get("subset", "all") == "all"]
+    return rows
+
+
+STORE_SLOTS = {"text_store": "text", "image_store": "image", "text_store_all": "text",
+               "image_store_all": "image"}
+"""Store fields of :class:`ExperimentsParams` and the modality each must hold."""
+
+
+def cli() -> Any:
+    """The command line of this flow, generated from :class:`flows.params.ExperimentsParams`."""
+    from flows.cli import ModelCli
+    return ModelCli(ExperimentsParams, "flows/experiments.py",
+                    description=__doc__.split("\n\n")[0],
+                    shortcuts={"tables_dir": "tables", "store_dir": "stores", "out_dir": "out"})
+
+
+def summary(out: dict[str, Any]) -> str:
+    """One line: where the results went."""
+    return (f"results {out['results_md']} ({out['results_csv']}, {out['runs_csv']}); "
+            f"{len(out['plots'])} plot(s)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", default="all", help="modality | iisan | fusion | seq | mrl | all "
-                                                 "| smoke")
-    p.add_argument("--tables", default="outputs/demo/tables")
-    p.add_argument("--stores", default="outputs/demo/stores")
-    p.add_argument("--out", default="outputs/experiments")
-    p.add_argument("--text-encoder", default="minilm")
-    p.add_argument("--image-encoder", default="efficientnet-lite0")
-    p.add_argument("--text-store")
-    p.add_argument("--image-store")
-    p.add_argument("--text-store-all")
-    p.add_argument("--image-store-all")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--max-epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--mrl-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--short-len", type=int, default=10,
-                   help="window of the LoRA base run (the LoRA run uses max_len)")
-    p.add_argument("--exclude", choices=["none", "window", "all"], default="all")
-    p.add_argument("--train", type=json.loads, default=None,
-                   help="further TrainConfig fields for every cell (JSON)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="runs in parallel, each in its own worker process")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    a = p.parse_args(argv)
-    runner = ThreadPoolTaskRunner(max_workers=max(1, a.workers))
-    out = experiments_flow.with_options(task_runner=runner)(grid=a.grid, tables_dir=a.tables, out_dir=a.out, store_dir=a.stores,
-                           text_encoder=a.text_encoder, image_encoder=a.image_encoder,
-                           text_store=a.text_store, image_store=a.image_store,
-                           text_store_all=a.text_store_all, image_store_all=a.image_store_all,
-                           seeds=a.seeds, max_epochs=a.max_epochs, patience=a.patience,
-                           batch_size=a.batch_size, lr=a.lr, mrl_sizes=a.mrl_sizes,
-                           short_len=a.short_len, exclude=a.exclude, train=a.train,
-                           workers=a.workers, threads=a.threads)
-    print(json.dumps({k: v for k, v in out.items() if k != "markdown"}, indent=2))
+    """Command line: ``python flows/experiments.py --help``.
+
+    Bad values and a store of the wrong modality end with one ``error:`` line naming the
+    flag (exit 2), before any flow starts.
+    """
+    from flows.cli import check_stores
+    c = cli()
+    params = c.parse(argv)
+    check_stores(c, params, STORE_SLOTS)
+    print(summary(experiments_flow(**params.model_dump())))
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module, so the worker processes of ProcessPoolTaskRunner
+    # unpickle flows.experiments' tasks by reference (not this script's __main__)
+    from flows.experiments import main as _main
+    _main()

@@ -9,26 +9,30 @@ declare the same parameters with the same annotated types, so:
   ``enforce_parameter_schema`` is on) carries the bounds and choices below;
 * the flow body builds the model (``CacheParams(**params)``) and so validates the values
   once more, cross-field rules included, also when a flow is called from Python;
-* ``python flows/<name>.py --help`` is generated from the same fields
-  (:func:`add_model_arguments`), with the descriptions below as help text.
+* ``python flows/<name>.py --help`` is generated from the same fields by pydantic-settings'
+  ``CliApp`` (:mod:`flows.cli`), with the descriptions below as help text; a bad value is one
+  ``error:`` line naming the flag, exit status 2.
 
 ``tests/test_deploy.py`` checks that the flows' signatures and these models agree.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.encoders import PRESETS
+from pipeline.encoders import PRESETS, presets_of
 
 # --------------------------------------------------------------------------- field types
 EncoderName = Literal[tuple(sorted(PRESETS))]  # type: ignore[valid-type]
 """A preset name of ``pipeline.encoders.PRESETS``."""
+TextEncoderName = Literal[presets_of("text")]  # type: ignore[valid-type]
+"""A text preset name (``pipeline.encoders.PRESET_MODALITIES``)."""
+ImageEncoderName = Literal[presets_of("image")]  # type: ignore[valid-type]
+"""An image preset name (``pipeline.encoders.PRESET_MODALITIES``)."""
+GridName = Literal["all", "fusion", "iisan", "modality", "mrl", "seq", "smoke"]
+"""A grid of ``pipeline.experiments.GRIDS`` (``tests/test_cli.py`` checks they agree)."""
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
                               description="torch device; 'auto' = cuda if available, else cpu")]
@@ -37,8 +41,14 @@ ShardSize = Annotated[int, Field(ge=1, le=1_000_000,
 BatchSize = Annotated[int, Field(ge=1, le=65_536, description="items per forward pass")]
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600, description="a duration in seconds")]
 Retries = Annotated[int, Field(ge=0, le=20, description="retries of a failed shard task")]
-Epochs = Annotated[int, Field(ge=1, le=10_000)]
-Exclude = Literal["none", "window", "all"]
+Epochs = Annotated[int, Field(ge=1, le=10_000, description="an epoch count")]
+Exclude = Annotated[Literal["none", "window", "all"], Field(
+    description="history exclusion when ranking: all = the user's earlier items, window = the "
+                "model's input window, none")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed")]
+RepeatTarget = Annotated[Literal["rankable", "masked"], Field(
+    description="a target also in the excluded history: rankable, or masked as IISAN's code "
+                "does (a miss)")]
 CacheMode = Literal["append", "rebuild"]
 
 
@@ -56,27 +66,37 @@ class CacheParams(_Params):
                            description="folder holding the hidden-state stores")
     encoder: EncoderName = Field("minilm", description="encoder preset")
     items_per_shard: ShardSize = 256
-    batch_size: BatchSize | None = Field(None, description="items per forward pass "
-                                                           "(default: the preset's)")
+    batch_size: BatchSize | None = Field(None, description="items per forward pass; unset: "
+                                                           "the preset's")
     encoder_spec: dict[str, Any] | None = Field(
         None, description="full pipeline.encoders.EncoderSpec as JSON; overrides --encoder")
     device: Device = "auto"
     mode: CacheMode = Field("append", description="append: encode only items the newest store "
                                                   "lacks; rebuild: write a new store version")
     runner: dict[str, Any] | None = Field(
-        None, description="pipeline.runners.RunnerConfig as JSON (default: MMCACHE_DASK_* "
-                          "environment, else threads)")
+        None, description="pipeline.runners.RunnerConfig as JSON; unset: the MMCACHE_DASK_* "
+                          "environment, else threads")
     shard_timeout_s: Seconds = Field(6 * 3600.0, description="timeout of one shard-group task")
     shard_retries: Retries = 3
 
     @model_validator(mode="after")
     def _check(self) -> "CacheParams":
+        from pydantic import ValidationError
+        checks = []
         if self.encoder_spec is not None:
             from pipeline.encoders import EncoderSpec
-            EncoderSpec(**self.encoder_spec)  # raises naming the bad field
+            checks.append(("encoder_spec", EncoderSpec, self.encoder_spec))
         if self.runner:
             from pipeline.runners import RunnerConfig
-            RunnerConfig(**self.runner)
+            checks.append(("runner", RunnerConfig, self.runner))
+        for field, model, value in checks:
+            try:
+                model(**value)
+            except ValidationError as exc:  # name this field, then the inner one
+                err = exc.errors()[0]
+                inner = ".".join(str(x) for x in err.get("loc", ()))
+                raise ValueError(f"{field}{'.' + inner if inner else ''}: "
+                                 f"{str(err['msg']).removeprefix('Value error, ')}") from None
         return self
 
 
@@ -93,15 +113,21 @@ class TrainParams(_Params):
     store_dir: str | None = Field("outputs/demo/stores",
                                   description="where to find the newest complete stores when "
                                               "text_store / image_store are not given")
-    text_encoder: EncoderName | None = Field("minilm", description="text store to pick up")
-    image_encoder: EncoderName | None = Field("efficientnet-lite0",
-                                              description="image store to pick up")
-    text_store: str | None = Field(None, description="explicit text store path")
-    image_store: str | None = Field(None, description="explicit image store path")
-    max_epochs: Epochs = 100
-    patience: Epochs = 10
+    text_encoder: TextEncoderName | None = Field(
+        "minilm", description="text encoder preset whose newest store under store_dir is used")
+    image_encoder: ImageEncoderName | None = Field(
+        "efficientnet-lite0",
+        description="image encoder preset whose newest store under store_dir is used")
+    text_store: str | None = Field(None, description="explicit text store path (must hold "
+                                                     "text hidden states)")
+    image_store: str | None = Field(None, description="explicit image store path (must hold "
+                                                      "image hidden states)")
+    max_epochs: Epochs = Field(100, description="most training epochs")
+    patience: Epochs = Field(10, description="early stopping: epochs without a better valid "
+                                             "NDCG@10")
     exclude: Exclude = "all"
-    seed: int = 42
+    repeat_target: RepeatTarget = "rankable"
+    seed: Seed = 42
     device: Device = "auto"
     config: dict[str, Any] | None = Field(
         None, description="further pipeline.train.TrainConfig fields (JSON); a complete "
@@ -121,6 +147,7 @@ class EvaluateParams(_Params):
     checkpoint_dir: str = Field("outputs/demo/checkpoints/iisan-text-image", min_length=1,
                                 description="folder with config.json and model.safetensors")
     exclude: Exclude = "all"
+    repeat_target: RepeatTarget = "rankable"
     device: Device = "auto"
 
 
@@ -130,15 +157,57 @@ class PipelineParams(_Params):
     source_dir: str = Field("data/movielens-5core", min_length=1,
                             description="MovieLens folder (ml-latest-small/ + posters/)")
     out_dir: str = Field("outputs/demo", min_length=1, description="output folder")
-    text_encoder: EncoderName = "minilm"
-    image_encoder: EncoderName = "efficientnet-lite0"
-    k_core: Annotated[int, Field(ge=1, le=1000)] = 5
-    max_epochs: Epochs = 100
-    patience: Epochs = 10
+    text_encoder: TextEncoderName = Field("minilm", description="text encoder preset")
+    image_encoder: ImageEncoderName = Field("efficientnet-lite0",
+                                            description="image encoder preset")
+    k_core: Annotated[int, Field(ge=1, le=1000)] = Field(
+        5, description="iterative k-core: users and items with fewer interactions are dropped")
+    max_epochs: Epochs = Field(100, description="most training epochs per model")
+    patience: Epochs = Field(10, description="early stopping patience (epochs)")
     exclude: Exclude = "all"
-    seed: int = 42
+    seed: Seed = 42
     items_per_shard: ShardSize = 256
     runner: dict[str, Any] | None = Field(None, description="RunnerConfig JSON for stage 1")
+
+
+class ExperimentsParams(_Params):
+    """Parameters of the ``experiments`` flow: a named grid of training runs on one cache."""
+
+    grid: GridName = Field("all", description="grid of pipeline.experiments.GRIDS")
+    tables_dir: str = Field("outputs/demo/tables", min_length=1,
+                            description="folder with interactions.parquet / items.parquet")
+    out_dir: str = Field("outputs/experiments", min_length=1,
+                         description="runs/, plots/ and the result tables go here")
+    store_dir: str | None = Field("outputs/demo/stores",
+                                  description="where the encoder presets' stores are found")
+    text_encoder: TextEncoderName | None = Field(
+        "minilm", description="text preset whose store under store_dir is used")
+    image_encoder: ImageEncoderName | None = Field(
+        "efficientnet-lite0", description="image preset whose store under store_dir is used")
+    text_store: str | None = Field(None, description="explicit text store (LayerDrop layers)")
+    image_store: str | None = Field(None, description="explicit image store (LayerDrop layers)")
+    text_store_all: str | None = Field(None, description="text store with every hidden state "
+                                                         "(default: cached into out_dir/stores)")
+    image_store_all: str | None = Field(None, description="image store with every hidden "
+                                                          "state (default: cached)")
+    seeds: list[Seed] | None = Field(None, description="one run per seed and cell "
+                                                       "(default [1, 2])")
+    max_epochs: Epochs = Field(20, description="most training epochs of every run")
+    patience: Epochs = Field(5, description="early stopping patience of every run")
+    batch_size: BatchSize = Field(128, description="training batch size (users)")
+    lr: float = Field(3e-3, gt=0, le=1, description="learning rate")
+    mrl_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Matryoshka sizes of the mrl grid (default [16, 32, 64, 128])")
+    short_len: Annotated[int, Field(ge=1)] = Field(10, description="window of the LoRA base "
+                                                                   "run")
+    exclude: Exclude = "all"
+    train: dict[str, Any] | None = Field(None, description="further TrainConfig fields for "
+                                                           "every cell (JSON)")
+    workers: Annotated[int, Field(ge=1, le=256)] = Field(
+        1, description="runs in parallel, each a task run in its own worker process "
+                       "(Prefect's ProcessPoolTaskRunner); 1 = in the flow's process")
+    threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        1, description="torch threads per run (None: torch's default)")
 
 
 # --------------------------------------------------------------------------- devices
@@ -150,78 +219,13 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# --------------------------------------------------------------------------- command line
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) of ``X | None`` / ``Optional[X]`` / ``Annotated[X, ...]``."""
-    optional = False
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            args = [a for a in get_args(annotation) if a is not type(None)]
-            optional = optional or len(args) < len(get_args(annotation))
-            annotation = args[0] if len(args) == 1 else str
-        else:
-            return annotation, optional
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel],
-                        aliases: dict[str, list[str]] | None = None) -> None:
-    """Add one ``--field-name`` option per field of ``model`` (plus ``aliases``).
-
-    Options default to None so that only the values given on the command line override
-    the model's defaults (see :func:`model_from_args`). Literal fields get ``choices``,
-    dict fields take JSON, bools get ``--x/--no-x``.
-    """
-    aliases = aliases or {}
-    for name, info in model.model_fields.items():
-        kind, _ = _unwrap(info.annotation)
-        flags = [f"--{name.replace('_', '-')}", *aliases.get(name, [])]
-        default = info.get_default(call_default_factory=True)
-        help_ = (info.description or "") + (f" (default: {default})" if default is not None
-                                            else "")
-        kw: dict[str, Any] = {"dest": name, "default": None, "help": help_}
-        if get_origin(kind) is Literal:
-            kw["choices"] = list(get_args(kind))
-        elif kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind in (int, float, str):
-            kw["type"] = kind
-        elif get_origin(kind) is dict or kind is dict:
-            kw["type"], kw["metavar"] = _json_object, "JSON"
-        else:
-            kw["type"] = str
-        parser.add_argument(*flags, **kw)
-
-
-def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
-    """Build ``model`` from the options given on the command line (others keep defaults).
-
-    Raises:
-        pydantic.ValidationError: a value is out of range (names the field).
-    """
-    given = {k: v for k, v in vars(args).items() if k in model.model_fields and v is not None}
-    return model(**given)
-
-
 def flow_parameter_names(fn: Any) -> list[str]:
     """Parameter names of a flow function (``Flow.fn``) in order; used by the tests."""
     import inspect
     return list(inspect.signature(fn).parameters)
 
 
-__all__ = ["CacheParams", "TrainParams", "EvaluateParams", "PipelineParams", "EncoderName",
-           "Device", "ShardSize", "BatchSize", "Seconds", "Retries", "Epochs", "Exclude",
-           "CacheMode", "resolve_device", "add_model_arguments", "model_from_args",
-           "flow_parameter_names"]
+__all__ = ["CacheParams", "TrainParams", "EvaluateParams", "PipelineParams",
+           "ExperimentsParams", "EncoderName", "TextEncoderName", "ImageEncoderName", "GridName",
+           "Device", "ShardSize", "BatchSize", "Seconds", "Retries", "Epochs", "Exclude", "RepeatTarget", "Seed",
+           "CacheMode", "resolve_device", "flow_parameter_names"]

@@ -32,8 +32,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 # creates the database) and the pipeline package's log lines in the flow's output
 import flows._prefect_start  # noqa: E402,F401
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,9 +42,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from flows.cache_hidden_states import run_cache
-from flows.params import (EncoderName, Epochs, Exclude, PipelineParams, ShardSize,
-                          add_model_arguments, model_from_args)
-from flows.train import evaluate_task, popularity_task, train_task
+from flows.params import (Epochs, Exclude, ImageEncoderName, PipelineParams, Seed, ShardSize,
+                          TextEncoderName)
+from flows.train import evaluate_task, popularity_task, train_on, train_task
 from pipeline.cache import CacheConfig
 from pipeline.encoders import preset
 from pipeline.evaluate import EvalConfig
@@ -84,10 +82,10 @@ def report_task(results: list[dict[str, Any]], out_dir: str, caches: list[dict[s
 
 @flow(name="mm-pipeline", log_prints=True)
 def pipeline(source_dir: str = "data/movielens-5core", out_dir: str = "outputs/demo",
-             text_encoder: EncoderName = "minilm",
-             image_encoder: EncoderName = "efficientnet-lite0",
+             text_encoder: TextEncoderName = "minilm",
+             image_encoder: ImageEncoderName = "efficientnet-lite0",
              k_core: Annotated[int, Field(ge=1, le=1000)] = 5, max_epochs: Epochs = 100,
-             patience: Epochs = 10, exclude: Exclude = "all", seed: int = 42,
+             patience: Epochs = 10, exclude: Exclude = "all", seed: Seed = 42,
              items_per_shard: ShardSize = 256,
              runner: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run both stages end to end (parameters: :class:`flows.params.PipelineParams`).
@@ -129,10 +127,10 @@ def pipeline(source_dir: str = "data/movielens-5core", out_dir: str = "outputs/d
         encoders.append({"modality": modality, "name": name,
                          "store": caches[modality]["store"]})
     # the multimodal models wait for both stores, then train concurrently
-    mm_runs = [train_task.submit(TrainConfig(
-        name=model, item_encoder="iisan", **base,
-        **{f"{m}_store": caches[m]["store"] for m in modalities}), reuse=True)
-        for model, modalities in IISAN_MODELS]
+    mm_cfgs = [TrainConfig(name=model, item_encoder="iisan", **base,
+                           **{f"{m}_store": caches[m]["store"] for m in modalities})
+               for model, modalities in IISAN_MODELS]
+    mm_runs = [train_on(c).submit(c, reuse=True) for c in mm_cfgs]
     results, runs = [pop.result()], []
     for run in (id_run, *mm_runs):
         r = run.result()
@@ -151,14 +149,26 @@ def pipeline(source_dir: str = "data/movielens-5core", out_dir: str = "outputs/d
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def cli() -> Any:
+    """The command line of this flow, generated from :class:`flows.params.PipelineParams`."""
+    from flows.cli import ModelCli
+    return ModelCli(PipelineParams, "flows/pipeline.py", description=__doc__.split("\n\n")[0],
+                    shortcuts={"source_dir": "source", "out_dir": "out"})
+
+
+def summary(res: dict[str, Any]) -> str:
+    """One line: seconds, the report's path, models trained / reused, stores skipped."""
+    reused = sum(r["reused"] for r in res["stage2"])
+    skipped = sum(c["skipped"] for c in res["stage1"])
+    return (f"pipeline finished in {res['seconds']} s: {len(res['stage2']) - reused} models "
+            f"trained, {reused} reused; {skipped} of {len(res['stage1'])} stores complete "
+            f"already; report {res['report']}, metrics {res['metrics']}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python flows/pipeline.py --help``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(ap, PipelineParams, aliases={"source_dir": ["--source"],
-                                                     "out_dir": ["--out"]})
-    params = model_from_args(PipelineParams, ap.parse_args(argv))
-    res = pipeline(**params.model_dump())
-    print(json.dumps(res, indent=2))
+    """Command line: ``python flows/pipeline.py --help`` (bad value: one ``error:`` line, exit 2)."""
+    params = cli().parse(argv)
+    print(summary(pipeline(**params.model_dump())))
 
 
 if __name__ == "__main__":

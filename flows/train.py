@@ -13,8 +13,10 @@ used (``pipeline.incremental.newest_complete_store``), which is what the nightly
 deployment relies on after the nightly cache runs. ``python flows/train.py evaluate
 --checkpoint-dir DIR`` scores a saved checkpoint (the ``evaluate`` flow).
 
-No encoder is loaded: the item encoder reads the stores only. Each run publishes a
-markdown artifact with its test metrics.
+No encoder is loaded: the item encoder reads the stores only. Each run publishes a table
+artifact of its valid / test metrics; evaluation on CUDA is tagged ``gpu``. A store given for
+the wrong modality (an image store as ``--text-store``) is refused, naming the store and the
+modality it holds.
 """
 
 from __future__ import annotations
@@ -31,18 +33,16 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 # creates the database) and the pipeline package's log lines in the flow's output
 import flows._prefect_start  # noqa: E402,F401
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 
-from flows.cache_hidden_states import GPU_TAG, artifact_key, is_transient
-from flows.params import (Device, EncoderName, Epochs, EvaluateParams, Exclude, TrainParams,
-                          add_model_arguments, model_from_args, resolve_device)
+from flows.cache_hidden_states import GPU_TAG, artifact_key, is_transient, store_asset
+from flows.params import (Device, Epochs, EvaluateParams, Exclude, ImageEncoderName,
+                          RepeatTarget, Seed, TextEncoderName, TrainParams, resolve_device)
 from pipeline.evaluate import EvalConfig
 from pipeline.reuse import evaluate_or_reuse, train_or_reuse
 from pipeline.train import TrainConfig, popularity
@@ -58,6 +58,13 @@ def train_task(cfg: TrainConfig, reuse: bool = False) -> dict[str, Any]:
     says ``"reused"``). A fresh training records its inputs next to the checkpoint.
     """
     return train_or_reuse(cfg, reuse=reuse)
+
+
+def train_on(cfg: TrainConfig) -> Any:
+    """``train_task`` with the stores it reads as its ``asset_deps`` (the UI's asset graph
+    then shows which store a model was trained from)."""
+    deps = [store_asset(s) for s in (cfg.text_store, cfg.image_store) if s is not None]
+    return train_task.with_options(asset_deps=deps) if deps else train_task
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
@@ -96,20 +103,26 @@ def find_stores_task(tables_dir: str, store_dir: str, text_encoder: str | None,
     return out
 
 
-def metrics_markdown(title: str, res: dict[str, Any]) -> str:
-    """A markdown table of a run's valid/test metrics (plus its figures, when present)."""
+def metrics_table(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of a run's table artifact: one per split (valid, test), one column per metric
+    (HR@K, NDCG@K, MRR, ...), values rounded to 4 decimals."""
     names = list(res["test"])
-    lines = [f"# {title}", "", "| split | " + " | ".join(names) + " |",
-             "|---|" + "---|" * len(names)]
-    for split in ("valid", "test"):
-        lines.append(f"| {split} | " + " | ".join(
-            f"{v:.4f}" if isinstance(v := res[split].get(n), float) else str(v)
-            for n in names) + " |")
-    extra = {k: res[k] for k in ("best_epoch", "epochs_run", "seconds", "seconds_per_epoch",
-                                 "exclude", "checkpoint_dir") if k in res}
-    if extra:
-        lines += ["", *[f"- {k}: {v}" for k, v in extra.items()]]
-    return "\n".join(lines)
+    return [{"split": split, **{n: round(v, 4) if isinstance(v := res[split].get(n), float)
+                                else v for n in names}} for split in ("valid", "test")]
+
+
+def figures_line(res: dict[str, Any]) -> str:
+    """The run's figures (best epoch, epochs, seconds, exclusion rule, checkpoint), one line."""
+    return ", ".join(f"{k} {res[k]}" for k in ("best_epoch", "epochs_run", "seconds",
+                                                 "seconds_per_epoch", "exclude",
+                                                 "repeat_target", "checkpoint_dir") if k in res)
+
+
+def evaluate_on(device: str) -> Any:
+    """``evaluate_task`` for ``device``: tagged ``gpu`` (and so held to the ``gpu`` tag's
+    concurrency limit) when it runs on CUDA."""
+    return evaluate_task.with_options(tags=[GPU_TAG]) if str(device).startswith("cuda") \
+        else evaluate_task
 
 
 @flow(name="train", log_prints=True)
@@ -118,14 +131,15 @@ def train_flow(tables_dir: str = "outputs/demo/tables",
                name: str = "iisan-text-image",
                item_encoder: Literal["id", "iisan"] = "iisan",
                store_dir: str | None = "outputs/demo/stores",
-               text_encoder: EncoderName | None = "minilm",
-               image_encoder: EncoderName | None = "efficientnet-lite0",
+               text_encoder: TextEncoderName | None = "minilm",
+               image_encoder: ImageEncoderName | None = "efficientnet-lite0",
                text_store: str | None = None,
                image_store: str | None = None,
                max_epochs: Epochs = 100,
                patience: Epochs = 10,
                exclude: Exclude = "all",
-               seed: int = 42,
+               repeat_target: RepeatTarget = "rankable",
+               seed: Seed = 42,
                device: Device = "auto",
                config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one model (parameters: :class:`flows.params.TrainParams`).
@@ -142,7 +156,8 @@ def train_flow(tables_dir: str = "outputs/demo/tables",
                         item_encoder=item_encoder, store_dir=store_dir,
                         text_encoder=text_encoder, image_encoder=image_encoder,
                         text_store=text_store, image_store=image_store, max_epochs=max_epochs,
-                        patience=patience, exclude=exclude, seed=seed, device=device,
+                        patience=patience, exclude=exclude, repeat_target=repeat_target,
+                        seed=seed, device=device,
                         config=config)
         stores = {"text_store": p.text_store, "image_store": p.image_store}
         if p.item_encoder == "iisan" and not (p.text_store or p.image_store):
@@ -152,53 +167,86 @@ def train_flow(tables_dir: str = "outputs/demo/tables",
             "name": p.name, "tables_dir": p.tables_dir, "out_dir": p.out_dir,
             "item_encoder": p.item_encoder, "max_epochs": p.max_epochs,
             "patience": p.patience, "seed": p.seed, "device": resolve_device(p.device),
-            "eval": {"exclude": p.exclude},
+            "eval": {"exclude": p.exclude, "repeat_target": p.repeat_target},
             **(stores if p.item_encoder == "iisan" else {}), **(p.config or {})})
-    run = train_task(cfg)
-    res = {**run, **evaluate_task(cfg.name, run["checkpoint_dir"], cfg.eval, cfg.device)}
-    create_markdown_artifact(key=artifact_key("train-report", cfg.name),
-                             markdown=metrics_markdown(f"Training `{cfg.name}`", res),
-                             description=f"metrics of {cfg.name}")
+    run = train_on(cfg)(cfg)
+    res = {**run, **evaluate_on(cfg.device)(cfg.name, run["checkpoint_dir"], cfg.eval,
+                                            cfg.device)}
+    create_table_artifact(key=artifact_key("train-report", cfg.name), table=metrics_table(res),
+                          description=f"metrics of {cfg.name}: {figures_line(res)}")
     return res
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(checkpoint_dir: str = "outputs/demo/checkpoints/iisan-text-image",
-                  exclude: Exclude = "all", device: Device = "auto") -> dict[str, Any]:
+                  exclude: Exclude = "all", repeat_target: RepeatTarget = "rankable",
+                  device: Device = "auto") -> dict[str, Any]:
     """Score a saved checkpoint (parameters: :class:`flows.params.EvaluateParams`).
 
-    Returns ``{"name", "valid", "test", "exclude"}`` and writes ``metrics.json`` next to the
-    checkpoint. Raises StoreMismatchError when a store it was trained on has changed.
+    Returns ``{"name", "valid", "test", "exclude", "repeat_target"}`` and writes
+    ``metrics-<exclude>-<repeat_target>.json`` (``metrics.json`` only under the run's own
+    rules) next to the checkpoint. Raises StoreMismatchError when a store it was trained on
+    has changed.
     """
-    p = EvaluateParams(checkpoint_dir=checkpoint_dir, exclude=exclude, device=device)
+    p = EvaluateParams(checkpoint_dir=checkpoint_dir, exclude=exclude,
+                       repeat_target=repeat_target, device=device)
     name = Path(p.checkpoint_dir).name
-    res = evaluate_task(name, p.checkpoint_dir, EvalConfig(exclude=p.exclude),
-                        resolve_device(p.device))
-    create_markdown_artifact(key=artifact_key("evaluate-report", name),
-                             markdown=metrics_markdown(f"Evaluation of `{name}`", res),
-                             description=f"metrics of {name}")
+    device = resolve_device(p.device)
+    res = evaluate_on(device)(name, p.checkpoint_dir,
+                              EvalConfig(exclude=p.exclude, repeat_target=p.repeat_target), device)
+    create_table_artifact(key=artifact_key("evaluate-report", name), table=metrics_table(res),
+                          description=f"metrics of {name}: {figures_line(res)}")
     return res
 
 
+STORE_SLOTS = {"text_store": "text", "image_store": "image"}
+"""Store fields of :class:`TrainParams` and the modality each must hold."""
+
+
+def train_cli() -> "Any":
+    """The train flow's command line, generated from :class:`flows.params.TrainParams`."""
+    from flows.cli import ModelCli
+    return ModelCli(TrainParams, "flows/train.py", description=__doc__.split("\n\n")[0],
+                    shortcuts={"tables_dir": "tables", "out_dir": "out"},
+                    epilog="'python flows/train.py evaluate --help': the evaluate flow")
+
+
+def evaluate_cli() -> "Any":
+    """The evaluate flow's command line (:class:`flows.params.EvaluateParams`)."""
+    from flows.cli import ModelCli
+    return ModelCli(EvaluateParams, "flows/train.py evaluate",
+                    description="Score a saved checkpoint (evaluate flow).")
+
+
+def summary(res: dict[str, Any]) -> str:
+    """One line: the run's name, best epoch, test NDCG@10 / HR@10 and its checkpoint."""
+    test = res.get("test", {})
+
+    def metric(name: str) -> str:
+        v = test.get(name)
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+    best = f"best epoch {res['best_epoch']}, " if res.get("best_epoch") is not None else ""
+    where = f", {res['checkpoint_dir']}" if res.get("checkpoint_dir") else ""
+    return (f"{res.get('name', '?')}: {best}test NDCG@10 {metric('NDCG@10')} HR@10 "
+            f"{metric('HR@10')} (exclude {res.get('exclude', '?')}){where}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python flows/train.py --help``, ``python flows/train.py evaluate --help``."""
+    """Command line: ``python flows/train.py --help``, ``python flows/train.py evaluate --help``.
+
+    Bad values and a store of the wrong modality (an image store as ``--text-store``) end
+    with one ``error:`` line naming the flag (exit 2), before any flow starts.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["evaluate"]:
-        p = argparse.ArgumentParser(prog="flows/train.py evaluate",
-                                    description="Score a saved checkpoint (evaluate flow).")
-        add_model_arguments(p, EvaluateParams)
-        params = model_from_args(EvaluateParams, p.parse_args(argv[1:]))
-        res = evaluate_flow(**params.model_dump())
-        print(json.dumps({k: res[k] for k in ("name", "valid", "test")}, indent=2))
+        params = evaluate_cli().parse(argv[1:])
+        print(summary(evaluate_flow(**params.model_dump())))
         return
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="'python flows/train.py evaluate --help': the "
-                                       "evaluate flow")
-    add_model_arguments(p, TrainParams, aliases={"tables_dir": ["--tables"],
-                                                 "out_dir": ["--out"]})
-    params = model_from_args(TrainParams, p.parse_args(argv))
-    res = train_flow(**params.model_dump())
-    print(json.dumps({k: res[k] for k in ("name", "best_epoch", "valid", "test")}, indent=2))
+    from flows.cli import check_stores
+    cli = train_cli()
+    params = cli.parse(argv)
+    check_stores(cli, params, STORE_SLOTS)
+    print(summary(train_flow(**params.model_dump())))
 
 
 if __name__ == "__main__":

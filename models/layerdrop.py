@@ -141,3 +141,48 @@ def select_hidden_states(policy: Policy, num_layers: int, *, image_layers: int |
             raise ConfigError(f"explicit LayerDrop block ids contain duplicates: {ids}")
         kept = tuple(sorted(ids))
     return ((0,) if include_embeddings else ()) + tuple(b + 1 for b in kept)
+
+
+def versa_blocks(num_text_layers: int, num_image_layers: int
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """0-based blocks of both towers aligned one to one by IISAN-Versa group LayerDrop.
+
+    The image tower keeps ``N = L_image // 2`` blocks by symmetric LayerDrop and the text
+    tower ``N`` blocks by group LayerDrop (:func:`asymmetric_blocks`: largest stride, last
+    block kept), so the k-th kept text block pairs with the k-th kept image block in the
+    Inter-SAN (IISAN-Versa sec. III-E, VI-E). This is the paper's rule whenever the text
+    tower has at least N blocks, also when it is the shallower one (6 + 12 -> text 0..5 with
+    image 1, 3, ..., 11). When it has fewer (e.g. 12 text + 32 image blocks) the roles are
+    exchanged: the text tower keeps ``L_text // 2`` blocks by symmetric LayerDrop and the
+    image tower is group-dropped onto them. Equal depths give symmetric LayerDrop on both
+    (IISAN-VS).
+
+    Args:
+        num_text_layers, num_image_layers: blocks L_text, L_image of the two towers.
+    Returns:
+        (text blocks, image blocks), ascending, equally long; e.g. (6, 8) -> ((2, 3, 4, 5),
+        (1, 3, 5, 7)); (32, 12) -> ((1, 7, 13, 19, 25, 31), (1, 3, 5, 7, 9, 11));
+        (12, 32) -> ((1, 3, 5, 7, 9, 11), (1, 7, 13, 19, 25, 31)).
+    Raises:
+        ConfigError: a depth is not a positive int, or both towers have a single block.
+    Source: IISAN-Versa (seed ``003_*``) eq. (5) with the public code's stride rule.
+    """
+    lt = _check_depth(num_text_layers, "num_text_layers")
+    li = _check_depth(num_image_layers, "num_image_layers")
+    if li >= 2 and lt >= li // 2:
+        return asymmetric_blocks(lt, li), symmetric_blocks(li)
+    if lt >= 2 and li >= lt // 2:
+        return symmetric_blocks(lt), asymmetric_blocks(li, lt)
+    raise ConfigError(f"IISAN-Versa alignment needs a tower of at least 2 blocks, got "
+                      f"text {lt} and image {li} blocks")
+
+
+def versa_pairing(num_text_layers: int, num_image_layers: int) -> tuple[tuple[int, int], ...]:
+    """Hidden-state index pairs ``(text row, image row)`` fed to the Inter-SAN, in order.
+
+    Block b is hidden state b + 1 (see the module conventions); the embedding outputs
+    (hidden state 0) are not paired (the public IISAN code's Inter-SAN starts from zeros).
+    E.g. (6, 8) -> ((3, 2), (4, 4), (5, 6), (6, 8)). Raises as :func:`versa_blocks`.
+    """
+    tb, ib = versa_blocks(num_text_layers, num_image_layers)
+    return tuple((t + 1, i + 1) for t, i in zip(tb, ib))

@@ -3,6 +3,9 @@
 * :func:`full_softmax_ce` - cross-entropy over all N items (SASRec / RecBole "CE", fMRLRec).
 * :func:`matryoshka_ce` - fMRLRec eq. 14: the mean over sizes s of the full-softmax CE of the
   size-s scores ``<h[:s], e[:s]>`` (public code: logits of every size concatenated, one CE).
+  The scores of all sizes come from one product at the largest size
+  (:func:`models.matryoshka.nested_scores`: block scores summed cumulatively), so the
+  loss of M sizes costs about one size's matmul plus M softmaxes.
 * :func:`debiased_in_batch_ce` - IISAN eq. 6-7 (Fu et al., seed ``003_*``):
       D_ui = exp(y_ui - log p_i) + sum_{j in batch, j not in I_u} exp(y_uj - log p_j)
       L    = - sum_u sum_i log( exp(y_ui - log p_i) / D_ui )   (averaged here)
@@ -32,6 +35,8 @@ from torch import Tensor, nn
 
 from mmcache.errors import ConfigError
 
+from .matryoshka import nested_scores
+
 MASK_VALUE = -1e4
 
 
@@ -50,11 +55,15 @@ def matryoshka_ce(h: Tensor, table: Tensor, targets: Tensor, sizes: Sequence[int
     """fMRLRec eq. 14: mean over sizes s of ``full_softmax_ce(h[:, :s], table[:, :s], targets)``.
 
     Args: h: (M, D); table: (N + 1, D); targets: (M,); sizes: ascending, each <= D.
+    Computed from :func:`models.matryoshka.nested_scores` (one product at the largest size).
     Raises: ConfigError if a size exceeds D.
     """
     if max(sizes) > h.shape[-1]:
         raise ConfigError(f"Matryoshka size {max(sizes)} exceeds the width {h.shape[-1]}")
-    return torch.stack([full_softmax_ce(h[:, :s], table[:, :s], targets) for s in sizes]).mean()
+    if len(tuple(sizes)) == 1:
+        return full_softmax_ce(h[:, :sizes[0]], table[:, :sizes[0]], targets)
+    return torch.stack([F.cross_entropy(logits.float(), targets - 1)
+                        for logits in nested_scores(h, table[1:], sizes)]).mean()  # (M, N) each
 
 
 def popularity_log_prob(counts: Tensor) -> Tensor:
@@ -64,7 +73,7 @@ def popularity_log_prob(counts: Tensor) -> Tensor:
 
 
 def debiased_in_batch_ce(h: Tensor, targets: Tensor, window: Tensor, table: Tensor,
-                         log_pop: Tensor) -> Tensor:
+                         log_pop: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
     """IISAN in-batch debiased cross-entropy (eq. 6-7), vectorised.
 
     Args:
@@ -75,7 +84,10 @@ def debiased_in_batch_ce(h: Tensor, targets: Tensor, window: Tensor, table: Tens
             windows give ``window = [inputs, targets[:, -1:]]``). Every non-zero entry of
             every row is a candidate; I_u is the set of items of row u.
         table: (N + 1, D) item table. log_pop: (N + 1,) log popularity (``popularity_log_prob``).
-    Returns: scalar mean over the non-zero targets.
+        sizes: Matryoshka sizes: the loss is the mean over sizes s of the loss of the size-s
+            scores ``<h[:s], e[:s]>`` (fMRLRec eq. 14), from one product at the largest size
+            (:func:`models.matryoshka.nested_scores`); None = the full width only.
+    Returns: scalar mean over the non-zero targets (and the sizes).
     Raises: ConfigError for mismatched shapes, a misaligned window, or no target.
     """
     B, L, _ = h.shape
@@ -90,14 +102,16 @@ def debiased_in_batch_ce(h: Tensor, targets: Tensor, window: Tensor, table: Tens
                           "targets[:, t] at every target")
     rb, rt = valid.nonzero(as_tuple=True)  # (M,), (M,)
     cand = window.reshape(-1)  # (C,) with C = B (L + 1)
-    logits = h[rb, rt] @ table[cand].T - log_pop[cand]  # (M, C)
     label = rb * (L + 1) + rt + 1  # (M,) column of the target occurrence
     member = torch.zeros(B, table.shape[0], dtype=torch.bool, device=h.device)  # (B, N + 1)
     member.scatter_(1, window, True)
     masked = member[:, cand][rb] | (cand == 0)[None]  # (M, C): own items and padding
     masked[torch.arange(len(rb), device=h.device), label] = False
-    logits = logits.float().masked_fill(masked, MASK_VALUE)
-    return F.cross_entropy(logits, label)
+    hu, e, lp = h[rb, rt], table[cand], log_pop[cand]  # (M, D), (C, D), (C,)
+    scores = (nested_scores(hu, e, sizes) if sizes is not None and len(tuple(sizes)) > 1
+              else [hu[:, :sizes[0]] @ e[:, :sizes[0]].T if sizes else hu @ e.T])  # (M, C) each
+    return torch.stack([F.cross_entropy((y - lp).float().masked_fill(masked, MASK_VALUE), label)
+                        for y in scores]).mean()
 
 
 def sample_negatives(positives: Tensor, num_items: int, k: int = 1,

@@ -154,9 +154,17 @@ class MatryoshkaLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., D) -> (..., D), each block normalised on its own."""
-        bounds = (0,) + self.sizes
-        return torch.cat([ln(x[..., a:b]) for ln, a, b in zip(self.norms, bounds, bounds[1:])],
+        if len(self.norms) == 1:
+            return self.norms[0](x)
+        # split (not slicing): its backward is one cat, not one zero-filled (..., D) per block
+        return torch.cat([ln(part) for ln, part in zip(self.norms, x.split(self.widths, -1))],
                          dim=-1)  # (..., D)
+
+    @property
+    def widths(self) -> list[int]:
+        """Block widths ``s_j - s_{j-1}``."""
+        bounds = (0,) + self.sizes
+        return [b - a for a, b in zip(bounds, bounds[1:])]
 
     def extract(self, k: int) -> "MatryoshkaLayerNorm":
         """Standalone norm of size ``s_k`` (copies the first k + 1 block norms)."""
@@ -176,6 +184,35 @@ def size_index(sizes: Sequence[int], size: int) -> int:
     if size not in tuple(sizes):
         raise ConfigError(f"size {size} is not one of the Matryoshka sizes {tuple(sizes)}")
     return tuple(sizes).index(size)
+
+
+def nested_scores(h: Tensor, items: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Dot-product scores of every Matryoshka size in one pass: ``h[..., :s] @ items[:, :s]^T``.
+
+    Block j (features ``[s_{j-1}, s_j)``) is multiplied once and the size-``s_j`` scores are
+    the running sum of the blocks' scores, so all M sizes together cost one product at the
+    largest size plus M - 1 additions (instead of ``sum_j s_j / s_M`` products). Exact up to
+    floating-point summation order (the per-size product sums the same terms).
+
+    Args:
+        h: (..., D) user states. items: (C, D) candidate embeddings.
+        sizes: ascending sizes s_1 < ... < s_M <= D.
+    Returns: M tensors of shape (..., C), the scores at s_1, ..., s_M.
+    Raises: ConfigError for invalid sizes or a size larger than D.
+    """
+    s = check_sizes(sizes)
+    if s[-1] > h.shape[-1] or s[-1] > items.shape[-1]:
+        raise ConfigError(f"Matryoshka size {s[-1]} exceeds the width {h.shape[-1]}")
+    widths = [b - a for a, b in zip((0,) + s, s)]
+    rest = h.shape[-1] - s[-1]
+    # split (not slicing): its backward is one cat, not one zero-filled copy per block
+    hs = h.split(widths + ([rest] if rest else []), -1)
+    es = items.split(widths + ([items.shape[-1] - s[-1]] if items.shape[-1] > s[-1] else []), -1)
+    out: list[Tensor] = []
+    for hb, eb in zip(hs[:len(s)], es[:len(s)]):
+        block = hb @ eb.T  # (..., C)
+        out.append(block if not out else out[-1] + block)
+    return out
 
 
 def effective_params(module: nn.Module) -> int:

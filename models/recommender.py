@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from mmcache.errors import ConfigError
 
 from .losses import bpr_loss, debiased_in_batch_ce, matryoshka_ce, sample_negatives
-from .matryoshka import size_index
+from .matryoshka import nested_scores, size_index
 from .san import IISANItemEncoder
 
 
@@ -74,11 +74,15 @@ class ContentItemTable(nn.Module):
         chunk_size: if set, encode items in chunks of this many; with gradients enabled each
             chunk is activation-checkpointed (recomputed in backward), so peak activation
             memory is one chunk's. None = all items at once.
+        text_mask, image_mask: (N, T) bool attention masks of token-level states
+            (``pooling="tokens"``), passed to the encoder as ``text_mask`` / ``image_mask``
+            (the Fusion-Q-Former); None = not given.
     Raises: ConfigError if the item counts differ, no modality is given, or chunk_size < 1.
     """
 
     def __init__(self, encoder: IISANItemEncoder, text_h: Tensor | None, image_h: Tensor | None,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, text_mask: Tensor | None = None,
+                 image_mask: Tensor | None = None) -> None:
         super().__init__()
         given = [h for h in (text_h, image_h) if h is not None]
         if not given:
@@ -86,12 +90,18 @@ class ContentItemTable(nn.Module):
         if len({h.shape[0] for h in given}) != 1:
             raise ConfigError(f"text_h and image_h disagree on the number of items: "
                               f"{[h.shape[0] for h in given]}")
+        for name, m in (("text_mask", text_mask), ("image_mask", image_mask)):
+            if m is not None and (m.dim() != 2 or m.shape[0] != given[0].shape[0]):
+                raise ConfigError(f"{name} must be (N, T) with N = {given[0].shape[0]} items, "
+                                  f"got {tuple(m.shape)}")
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
         self.encoder, self.chunk_size = encoder, chunk_size
         self.num_items, self.dim = given[0].shape[0], encoder.cfg.out_dim
         self.register_buffer("text_h", text_h, persistent=False)
         self.register_buffer("image_h", image_h, persistent=False)
+        self.register_buffer("text_mask", text_mask, persistent=False)
+        self.register_buffer("image_mask", image_mask, persistent=False)
 
     def forward(self) -> Tensor:
         """Returns the table (N + 1, out_dim); row 0 = zeros (padding)."""
@@ -100,10 +110,13 @@ class ContentItemTable(nn.Module):
         for i in range(0, n, step):
             t = self.text_h[i:i + step] if self.text_h is not None else None
             v = self.image_h[i:i + step] if self.image_h is not None else None
+            kw = {k: m[i:i + step] for k, m in (("text_mask", self.text_mask),
+                                                 ("image_mask", self.image_mask))
+                  if m is not None}
             if self.chunk_size is not None and torch.is_grad_enabled():
-                out.append(checkpoint(self.encoder, t, v, use_reentrant=False))
+                out.append(checkpoint(self.encoder, t, v, use_reentrant=False, **kw))
             else:
-                out.append(self.encoder(t, v))  # (chunk, D)
+                out.append(self.encoder(t, v, **kw))  # (chunk, D)
         emb = torch.cat(out)  # (N, D)
         return torch.cat([emb.new_zeros(1, emb.shape[1]), emb])  # (N + 1, D)
 
@@ -175,16 +188,14 @@ class SequentialRecommender(nn.Module):
             if log_pop is None:
                 raise ConfigError("loss kind 'debiased_ce' needs log_pop (log item popularity)")
             window = torch.cat([seqs, targets[:, -1:]], dim=1)  # (B, L + 1)
-            return torch.stack([debiased_in_batch_ce(h_all[..., :s], targets, window,
-                                                     table[:, :s], log_pop)
-                                for s in self.sizes]).mean()
+            return debiased_in_batch_ce(h_all, targets, window, table, log_pop, self.sizes)
         h, pos = h_all[valid], targets[valid]  # (M, D), (M,)
         neg = sample_negatives(pos, table.shape[0] - 1, num_negatives, generator)  # (M, J)
+        cand = torch.cat([pos[:, None], neg], dim=1)  # (M, 1 + J)
         terms = []
-        for s in self.sizes:
-            hs = h[:, :s]
-            terms.append(bpr_loss((hs * table[pos, :s]).sum(-1),
-                                  torch.einsum("md,mjd->mj", hs, table[neg, :s])))
+        for s in self.sizes:  # M x (1 + J) scores per size: the products are cheap
+            y = torch.einsum("md,mjd->mj", h[:, :s], table[cand, :s])  # (M, 1 + J)
+            terms.append(bpr_loss(y[:, 0], y[:, 1:]))
         return torch.stack(terms).mean()
 
     def score_last_sizes(self, seqs: Tensor) -> list[Tensor]:
@@ -199,11 +210,10 @@ class SequentialRecommender(nn.Module):
                               "position is padding")
         table = self.item_table()  # (N + 1, D)
         h = self._encode(seqs, table)[:, -1]  # (B, D)
-        out = []
-        for s in self.sizes:
-            scores = h[:, :s] @ table[:, :s].T  # (B, N + 1)
+        out = (nested_scores(h, table, self.sizes) if len(self.sizes) > 1
+               else [h @ table.T])  # (B, N + 1) each, one product at the largest size
+        for scores in out:
             scores[:, 0] = float("-inf")
-            out.append(scores)
         return out
 
     def score_last(self, seqs: Tensor, size: int | None = None) -> Tensor:

@@ -24,11 +24,22 @@ in a background thread while the current shard is computed, and a finished shard
 written by another background thread (at most one write in flight) while the next one
 is computed.
 
-Per-shard records: ``<store>/stage1/shard-<s>.json`` (items, batches, truncated texts,
+Per-shard records: ``<store>.stage1/shard-<s>.json`` (items, batches, truncated texts,
 token counts, skipped items with reasons, seconds, device, host) is written before the
-shard's data, so a shard marked done always has its record; ``<store>/stage1/encoder.json``
+shard's data, so a shard marked done always has its record; ``<store>.stage1/encoder.json``
 records the resolved encoder (architecture, effective max length, which hidden state the
-last row holds).
+last row holds) and ``<store>.stage1/cache_config.json`` the run's configuration. The
+records live in a sidecar folder next to the store (``stores.sidecars``), not in the Zarr
+group, which holds Zarr nodes only.
+
+Inputs are checked where they are used: an image's bytes must hash to the items table's
+``image_sha256`` (the fingerprint the store's identity covers) before the image is
+encoded, else :class:`~mmcache.errors.CorruptImageError` names the item and the file.
+
+Identity: besides the model and its inputs, every encoding setting that changes stored
+values (``batch_size``, ``token_budget``, ``padding_side``, ``compute_dtype``; see
+``StoreSpec.encode_settings``) is recorded, and a resume with another value is refused
+naming the setting.
 """
 
 from __future__ import annotations
@@ -52,15 +63,22 @@ from pipeline.encoders import (EncoderSpec, architecture, check_text, effective_
                                hidden_state_convention, library_versions, load_encoder,
                                load_image, quantization_tag, store_modality, validate_spec,
                                weights_fingerprint)
-from pipeline.errors import (ConfigError, InputDataError, StoreLockedError,
+from pipeline.errors import (ConfigError, CorruptImageError, InputDataError, StoreLockedError,
                              StoreMismatchError, StoreNotFoundError)
 from stores.hidden_states import HiddenStateStore, StoreSpec, dump_json
+from stores.sidecars import records_dir
 from stores.tables import ITEMS_FILE, items_fingerprint, read_items
 
 log = logging.getLogger(__name__)
 
 STATS_DIR = "stage1"
-"""Folder inside a store with ``encoder.json`` and one ``shard-<s>.json`` per written shard."""
+"""Kept for compatibility: the records are in :func:`stats_dir` (``<store>.stage1``)."""
+
+
+def stats_dir(store: str | os.PathLike) -> Path:
+    """``<store>.stage1``: the folder with ``encoder.json``, ``cache_config.json`` and one
+    ``shard-<s>.json`` per written shard (``stores.sidecars.records_dir``)."""
+    return records_dir(store)
 
 
 class CacheConfig(BaseModel):
@@ -155,7 +173,22 @@ def request_spec(cfg: CacheConfig, items_fingerprint: str) -> StoreSpec:
         layer_indices=tuple(layers), layer_policy=e.layer_policy, pooling=e.pooling,
         max_length=effective_max_length(e, arch), image_size=arch["image_size"],
         hidden_dim=arch["hidden_dim"], layer_widths=widths, dtype=e.store_dtype,
-        quantization=quantization_tag(e, arch))
+        quantization=quantization_tag(e, arch), encode_settings=encode_settings(e))
+
+
+def encode_settings(e: EncoderSpec) -> dict[str, Any]:
+    """The encoding settings that change stored values, as recorded in the store's identity.
+
+    ``batch_size`` (batched attention and kernels differ with the batch's padding and
+    size) and ``compute_dtype`` for every encoder; for text also ``token_budget`` (0 = no
+    budget: it splits batches) and ``padding_side`` (``"tokenizer"`` = the tokenizer's
+    own). Images have no padding and no token budget.
+    """
+    out: dict[str, Any] = {"batch_size": int(e.batch_size), "compute_dtype": e.compute_dtype}
+    if e.modality == "text":
+        out["token_budget"] = int(e.token_budget or 0)
+        out["padding_side"] = e.padding_side or "tokenizer"
+    return out
 
 
 def _num_tokens(cfg: CacheConfig, arch: dict[str, Any]) -> int | None:
@@ -204,50 +237,104 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 def plan_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Find or create the store for ``cfg`` and list its pending shards.
 
+    A new store is created atomically (``HiddenStateStore.create``: complete or absent after
+    any kill), its records first in ``<store>.stage1/``. An existing one is opened
+    exclusively, which repairs damaged array metadata and lost completion data
+    (``stores/README.md``, Guarantees); damaged item ids are rewritten from the catalogue
+    when it holds the same ids; every done shard is verified and a damaged one marked
+    pending, to be rewritten alone. A request for a subset of a complete store's layers is
+    answered by it (nothing pending).
+
     Returns:
         {"store": path, "pending": [shard ids], "num_shards": S, "complete": bool,
          "rewritten_corrupt": [shard ids found corrupt and marked pending]}
     Raises:
         ConfigError: the spec does not fit the model (before any item or weight is read).
-        StoreMismatchError: a store exists at the path for another request (names the field).
-        StoreLockedError: another process is writing it.
+        StoreMismatchError: a store exists at the path for another request, or was written
+            with another encoding setting (names the field, e.g. ``batch_size``).
+        StoreLockedError: another process is writing it (or creating it).
+        StoreCorruptError: the group metadata or the item ids are damaged beyond repair.
     """
     items, fp = _items(cfg)
     spec = request_spec(cfg, fp)
     path = store_path(cfg)
     cfg.store_dir.mkdir(parents=True, exist_ok=True)
+    ids = items["item_id"].to_numpy()
     try:
-        store = HiddenStateStore.open(path, mode="w", expected=spec)
+        store = HiddenStateStore.open(path, mode="w", expected=spec)  # exclusive: repairs
     except StoreNotFoundError:
         arch = describe_architecture(cfg.encoder)
-        store = HiddenStateStore.create(
-            path, spec, items["item_id"].to_numpy(), items_per_shard=cfg.items_per_shard,
-            items_per_chunk=min(cfg.items_per_chunk, cfg.items_per_shard),
-            num_tokens=_num_tokens(cfg, arch), versions=library_versions())
-        (path / "cache_config.json").write_text(dump_json(cfg.model_dump(mode="json")))
-        _write_json_atomic(path / STATS_DIR / "encoder.json", {
+        # the records first (a sidecar folder, harmless without a store), then the store,
+        # created atomically under the writer lock: complete or absent after any kill
+        _write_json_atomic(stats_dir(path) / "cache_config.json", cfg.model_dump(mode="json"))
+        _write_json_atomic(stats_dir(path) / "encoder.json", {
             "encoder": cfg.encoder.model_dump(mode="json"), "architecture": arch,
             "effective_max_length": effective_max_length(cfg.encoder, arch),
             "hidden_states": hidden_state_convention(cfg.encoder, arch),
             "layer_indices": list(spec.layer_indices)})
-        store._acquire_lock()
+        store = HiddenStateStore.create(
+            path, spec, ids, items_per_shard=cfg.items_per_shard,
+            items_per_chunk=min(cfg.items_per_chunk, cfg.items_per_shard),
+            num_tokens=_num_tokens(cfg, arch), versions=library_versions())
     with store:
-        if store.spec.layer_indices != spec.layer_indices:
-            raise StoreMismatchError("layer_indices", spec.layer_indices,
-                                     store.spec.layer_indices, store=str(path))
+        store.repair_item_ids(np.sort(ids))
         corrupt = store.verify()
         if corrupt:
             log.warning("store %s: shards %s do not match their digest; rewriting them", path, corrupt)
             store.invalidate(corrupt)
         pending = store.pending_shards()
+        if store.spec.layer_indices != spec.layer_indices and pending:
+            # a subset of the stored layers is served from a complete store; a store that
+            # still needs encoding is encoded with its own layers only
+            raise StoreMismatchError("layer_indices", spec.layer_indices,
+                                     store.spec.layer_indices, store=str(path))
         return {"store": str(path), "pending": pending, "num_shards": store.num_shards,
                 "complete": not pending, "rewritten_corrupt": corrupt}
+
+
+def store_status(store: str | os.PathLike) -> dict[str, Any]:
+    """``{"complete", "pending", "num_shards"}`` of a store as it is now (read from disk).
+
+    Stage 1's final result takes ``complete`` from here after encoding, not from the plan
+    made before it (which said ``False`` for every store it then completed).
+    """
+    st = HiddenStateStore.open(store, mode="r", require_complete=False)
+    pending = st.pending_shards()
+    return {"complete": not pending, "pending": pending, "num_shards": st.num_shards}
 
 
 def default_run_id(cfg: CacheConfig, spec: StoreSpec) -> str:
     """Run id under which writers of the same request cooperate on one store."""
     h = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
     return f"encode-{cfg.encoder.name}-{h}"
+
+
+def check_image_bytes(image_path: str, image_sha256: str | None, item_id: int,
+                      tables_path: Path | None = None) -> None:
+    """Refuse an image whose bytes are not those the items table recorded.
+
+    The store's identity covers the items table's ``image_sha256`` (the items
+    fingerprint), so an image replaced after ingest must not be encoded under it.
+    Reads the file once (a missing or unreadable file is left to ``load_image``, which
+    names it).
+
+    Raises:
+        CorruptImageError: sha256 of the file's bytes != ``image_sha256`` (names the item,
+            the file and both hashes).
+    """
+    if not image_sha256:
+        return
+    try:
+        with open(image_path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return
+    if digest != str(image_sha256):
+        raise CorruptImageError(
+            f"the image changed after ingest: the sha256 of its bytes is {digest[:16]}..., "
+            f"the items table {tables_path} records {str(image_sha256)[:16]}...; re-run "
+            f"ingest to fingerprint the new image",
+            path=image_path, item_id=item_id)
 
 
 def _load_inputs(cfg: CacheConfig, by_id: Any, ids: np.ndarray, tables_path: Path
@@ -266,6 +353,8 @@ def _load_inputs(cfg: CacheConfig, by_id: Any, ids: np.ndarray, tables_path: Pat
             if e.modality == "text":
                 out.append(check_text(row[e.text_column], int(item_id), tables_path))
             else:
+                check_image_bytes(row["image_path"], row.get("image_sha256"), int(item_id),
+                                  tables_path)
                 out.append(load_image(row["image_path"], int(item_id)))
         except InputDataError as exc:
             if cfg.on_bad_input == "error":
@@ -345,7 +434,7 @@ def encode_shards(cfg: CacheConfig, shards: Sequence[int] | None = None,
         def write(s: int, block: np.ndarray, mask: np.ndarray | None, record: dict,
                   claim: Any) -> None:
             try:
-                _write_json_atomic(path / STATS_DIR / f"shard-{s:05d}.json", record)
+                _write_json_atomic(stats_dir(path) / f"shard-{s:05d}.json", record)
                 store.write_shard(s, block, mask)
             finally:
                 claim.__exit__(None, None, None)
@@ -423,15 +512,19 @@ def encode_shards(cfg: CacheConfig, shards: Sequence[int] | None = None,
 
 
 def shard_records(store: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-shard records (``stage1/shard-*.json``) of a store, by shard id."""
-    d = Path(store) / STATS_DIR
+    """The per-shard records (``<store>.stage1/shard-*.json``) of a store, by shard id."""
+    d = stats_dir(store)
     return [json.loads(p.read_text()) for p in sorted(d.glob("shard-*.json"))]
 
 
 def cache_all(cfg: CacheConfig) -> dict[str, Any]:
-    """Plan then encode every pending shard; returns the plan merged with the encode figures."""
+    """Plan then encode every pending shard; returns the plan merged with the encode figures,
+    ``complete`` being the store's completion after encoding."""
     plan = plan_cache(cfg)
     if plan["complete"]:
         log.info("store %s is complete: nothing to encode", plan["store"])
         return {**plan, "skipped": True, "items": 0, "seconds": 0.0}
-    return {**plan, **encode_shards(cfg, plan["pending"]), "skipped": False}
+    res = {**plan, **encode_shards(cfg, plan["pending"]), "skipped": False}
+    # completion as the store is after encoding, not the plan's (made before it);
+    # ``pending`` stays what this run had to encode
+    return {**res, "complete": store_status(plan["store"])["complete"]}

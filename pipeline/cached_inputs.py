@@ -4,11 +4,13 @@
 :func:`load_stores` the text and image stores of a run with their specs and per-row widths
 (CNN stores hold rows of different widths, zero-padded: ``stores/README.md``),
 :func:`standardize` normalises each cached feature, :func:`row_widths` gives the widths the
-content encoders need (``models.dtl``). No encoder is loaded here.
+content encoders need (``models.dtl``), :func:`check_store_modality` refuses a store of the
+wrong modality for a slot (an image store as the text store). No encoder is loaded here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +18,50 @@ import numpy as np
 import torch
 
 from stores.hidden_states import HiddenStateStore, StoreSpec
+from stores.sidecars import records_dir
 from stores.tables import items_fingerprint
+
+
+ENCODER_RECORD = "encoder.json"
+"""Stage 1's record of the encoder, in the store's records folder ``<store>.stage1/``
+(``stores.sidecars.records_dir``; written by ``pipeline.cache``)."""
+
+
+def recorded_modality(store: str | Path) -> str:
+    """The modality a store holds: ``text``, ``image`` or ``text:<column>``.
+
+    Read from stage 1's record ``<store>.stage1/encoder.json`` (the encoder spec's ``modality`` and
+    ``text_column``); stores written without stage 1's record (tests, other writers) are
+    read from their provenance (``StoreSpec.modality``).
+
+    Raises:
+        StoreNotFoundError: no store at ``store``.
+    """
+    rec = records_dir(store) / ENCODER_RECORD
+    if rec.is_file():
+        enc = json.loads(rec.read_text()).get("encoder", {})
+        if enc.get("modality"):
+            col = enc.get("text_column") or "text"
+            if enc["modality"] == "text" and col != "text":
+                return f"text:{col}"
+            return str(enc["modality"])
+    return HiddenStateStore.open(store).spec.modality
+
+
+def check_store_modality(store: str | Path, slot: str) -> str:
+    """Refuse a store in the wrong slot: ``slot`` is ``"text"`` or ``"image"``.
+
+    A ``text:<column>`` store fits the text slot. Returns the recorded modality.
+
+    Raises:
+        StoreMismatchError: field ``modality``, naming the store and the modality it holds.
+        StoreNotFoundError: no store at ``store``.
+    """
+    found = recorded_modality(store)
+    if found.split(":", 1)[0] != slot:
+        from pipeline.errors import StoreMismatchError
+        raise StoreMismatchError("modality", slot, found, store=str(store))
+    return found
 
 
 def load_cached(store: Path, layers: tuple[int, ...] | None, items_fp: str,
@@ -48,12 +93,16 @@ def load_stores(cfg: Any, tables: Any, item_ids: np.ndarray
     or None, {"text" / "image": store spec + ``row_widths``}).
 
     ``cfg`` is a :class:`pipeline.train.TrainConfig` (its stores, layers, ``feature_norm``
-    and ``cache_dtype``); rows follow ``item_ids``. Raises as :func:`load_cached`.
+    and ``cache_dtype``); rows follow ``item_ids``. Raises as :func:`load_cached`, and
+    StoreMismatchError (field ``modality``) for a store in the wrong slot (check_store_modality).
     """
     text_h = image_h = None
     specs: dict[str, Any] = {}
     if cfg.text_store is None and cfg.image_store is None:
         return None, None, specs
+    for slot, store in (("text", cfg.text_store), ("image", cfg.image_store)):
+        if store is not None:
+            check_store_modality(store, slot)
     fp = items_fingerprint(tables.items.sort_values("item_id"))
     if cfg.text_store is not None:
         text_h, s = load_cached(cfg.text_store, cfg.text_layers, fp, item_ids)
@@ -105,4 +154,4 @@ def standardize(h: torch.Tensor, widths: Sequence[int] | None = None) -> torch.T
     return z / d.sqrt().view(1, -1, *([1] * (z.dim() - 2)))  # (N, K, D)
 
 
-__all__ = ["load_cached", "load_stores", "row_widths", "standardize"]
+__all__ = ["recorded_modality", "check_store_modality", "load_cached", "load_stores", "row_widths", "standardize"]

@@ -36,7 +36,7 @@ reference package's README shows. Measured on 96 bundled posters
 stem convolution's per-channel statistics match the checkpoint's BatchNorm running
 statistics (mean off by 0.07 std, |log variance ratio| 0.36), with ImageNet statistics
 they do not (0.20 std, 1.9: the variance is 6.7x off). Both sets are recorded with the
-store (``stage1/encoder.json``, ``architecture.preprocessing``).
+store (``<store>.stage1/encoder.json``, ``architecture.preprocessing``).
 
 Sources: Tan & Le, "EfficientNet" (ICML 2019) and the EfficientNet-Lite release
 (tensorflow/tpu, models/official/efficientnet/lite); timm ``EfficientNet.forward_intermediates``;

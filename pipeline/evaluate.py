@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import ConfigError, InputDataError
-from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores
+from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores, repeat_targets
 from pipeline.split import SequenceSplit, pad_left
 
 __all__ = ["EvalConfig", "evaluate", "popularity_scores", "popularity_score_fn", "metrics_rows"]
@@ -30,6 +30,9 @@ class EvalConfig(BaseModel):
     Attributes:
         ks: cut-offs K for HR@K / NDCG@K (each >= 1).
         exclude: history-exclusion rule, "all" as in IISAN / MicroLens.
+        repeat_target: a target that is also in the excluded history stays ``rankable``
+            (default) or is ``masked`` as in IISAN's code (a miss); see
+            :data:`pipeline.metrics.REPEAT_RULES`. Reported next to ``exclude``.
         max_len: L, the model's input window (histories are cut to their last L items).
         batch_size: examples per ``score_fn`` call.
     """
@@ -38,6 +41,7 @@ class EvalConfig(BaseModel):
 
     ks: tuple[int, ...] = (5, 10, 20)
     exclude: Literal["none", "window", "all"] = "all"
+    repeat_target: Literal["rankable", "masked"] = "rankable"
     max_len: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
 
@@ -88,8 +92,10 @@ def evaluate(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid", "t
             raise ConfigError(f"score_fn returned shape {tuple(scores.shape)}, "
                               f"expected {(len(hist), n + 1)}")
         mask = exclusion_mask(hist, tgt, n, cfg.exclude, cfg.max_len)
+        masked = repeat_targets(hist, tgt, cfg.exclude, cfg.max_len) \
+            if cfg.repeat_target == "masked" else None
         ranks.append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
-                                       mask).cpu())
+                                       mask, masked).cpu())
     out = metrics_from_ranks(torch.cat(ranks), cfg.ks)
     out["n_users"] = len(histories)
     return out
@@ -112,11 +118,12 @@ _KEY = re.compile(r"^(HR|NDCG|MRR)(?:@(\d+))?$")
 
 
 def metrics_rows(model: str, split_name: str, metrics: dict[str, float],
-                 exclude: str) -> list[dict]:
+                 exclude: str, repeat_target: str | None = None) -> list[dict]:
     """Long-format rows of the project's metrics.csv, one per metric.
 
     Each row is ``{"model", "split", "metric", "k", "value", "exclude"}`` with metric
-    "HR" | "NDCG" | "MRR" and k the int K (None for MRR). "n_users" is skipped.
+    "HR" | "NDCG" | "MRR" and k the int K (None for MRR), plus ``"repeat_target"`` when
+    given. "n_users" is skipped.
 
     Raises:
         ConfigError: a key other than HR@K, NDCG@K, MRR or n_users.
@@ -129,5 +136,6 @@ def metrics_rows(model: str, split_name: str, metrics: dict[str, float],
         if not m or (m[1] == "MRR") != (m[2] is None):
             raise ConfigError(f"metric key {key!r} is not HR@K, NDCG@K or MRR")
         rows.append({"model": model, "split": split_name, "metric": m[1],
-                     "k": int(m[2]) if m[2] else None, "value": float(value), "exclude": exclude})
+                     "k": int(m[2]) if m[2] else None, "value": float(value), "exclude": exclude,
+                     **({"repeat_target": repeat_target} if repeat_target else {})})
     return rows

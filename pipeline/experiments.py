@@ -82,7 +82,9 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("concat", "concat-and-project (fMRLRec eq. 7) = frozen backbone",
          {"item_encoder": "concat", **BOTH}),
     Cell("iisan-no-layerdrop", "IISAN w/o LayerDrop (all hidden states)",
-         {"item_encoder": "iisan", "text_store": TEXT_ALL, "image_store": IMAGE_ALL}),
+         {"item_encoder": "iisan", "text_store": TEXT_ALL, "image_store": IMAGE_ALL,
+          # every row in both SANs: the inter-SAN pairs the top rows, not the Versa rows
+          "iisan_pairing": "top"}),
     Cell("iisan-no-gates", "IISAN w/o modality gates",
          {"item_encoder": "iisan", "use_gates": False, **BOTH}),
     Cell("iisan-no-intra", "IISAN w/o intra-modal SAN",

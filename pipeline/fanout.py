@@ -6,7 +6,7 @@ into groups and runs one :func:`encode_group` task per group on the cluster. Eac
 loads the encoder once and calls ``pipeline.cache.encode_shards`` with a run id shared
 by all tasks of the fan-out, so every worker joins the store as a cooperating writer
 (``HiddenStateStore.open(mode="w", run_id=...)``: shared writer lock) and claims each
-shard (``HiddenStateStore.claim``: an exclusive ``flock`` on ``<store>/.claims/<s>.lock``)
+shard (``HiddenStateStore.claim``: an exclusive ``flock`` on ``<store>.locks/.claims/<s>.lock``)
 while computing and writing it. Writers therefore own whole shards (a zarr shard file is
 never written by two processes), groups may even overlap (``steal=True``: every task gets
 every pending shard, starting at a different offset, and skips shards already done or

@@ -10,8 +10,10 @@ one of four actions on the *newest* store of the same (modality, encoder name, p
 ``append``  the catalogue grew and nothing else changed: the new item ids are appended to
             the store (``HiddenStateStore.grow``; old rows keep their bytes, only the new
             shards are pending) and only they are encoded;
-``version`` the model, its weights, the pooling, the input limits or the kept layers
-            changed, an already cached item changed (text, image bytes) or left the
+``version`` the model, its weights, the pooling, the input limits, an encoding setting
+            that changes values (batch size, token budget, padding side, compute dtype) or
+            the kept layers changed (a subset of a complete store's layers is served by
+            it), an already cached item changed (text, image bytes) or left the
             catalogue, or ``mode="rebuild"``: a new store version is written next to the
             old ones, which stay readable. Going back to an older request also writes a
             new version: the newest version is always the latest request.
@@ -36,8 +38,8 @@ import numpy as np
 
 from pipeline.cache import (CacheConfig, items_for, items_fingerprint_for, plan_cache,
                             request_spec, store_path)
-from pipeline.errors import StoreNotFoundError
-from stores.hidden_states import HiddenStateStore, StoreSpec
+from pipeline.errors import StoreMismatchError, StoreNotFoundError
+from stores.hidden_states import HiddenStateStore, StoreSpec, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +75,18 @@ def store_versions(cfg: CacheConfig) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _first_model_difference(stored: StoreSpec, requested: StoreSpec) -> str | None:
-    for f in MODEL_FIELDS:
-        if getattr(stored, f) != getattr(requested, f):
-            return f
-    if tuple(stored.layer_indices) != tuple(requested.layer_indices):
+def _first_model_difference(stored: StoreSpec, requested: StoreSpec, *,
+                            complete: bool = False) -> str | None:
+    """The first field (or encoding setting) for which ``stored`` cannot serve ``requested``
+    (items aside), or None. A request for a subset of the stored layers is served by a
+    ``complete`` store (no new version, nothing re-encoded)."""
+    try:
+        check_compatible(stored, requested.model_copy(
+            update={"items_fingerprint": stored.items_fingerprint}))
+    except StoreMismatchError as exc:
+        return exc.field
+    if tuple(stored.layer_indices) != tuple(requested.layer_indices) and not complete:
         return "layer_indices"
-    if stored.widths != requested.widths:
-        return "layer_widths"
     return None
 
 
@@ -117,7 +123,8 @@ def plan_incremental(cfg: CacheConfig, mode: Literal["append", "rebuild"] = "app
         version, path = versions[-1]
         stored = HiddenStateStore.open(path, mode="r", require_complete=False)
         reason = "mode=rebuild" if mode == "rebuild" else _first_model_difference(
-            stored.spec, requested)
+            stored.spec, requested,
+            complete=stored.is_complete() and stored.spec.items_fingerprint == fp)
         if reason is None and stored.spec.items_fingerprint != fp:
             ids = items["item_id"].to_numpy(np.int64)
             stored_ids = stored.item_ids

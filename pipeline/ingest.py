@@ -1,4 +1,10 @@
-"""MovieLens ingest: raw CSVs + posters -> the project's tables (``stores.tables``).
+"""Ingest entry point and the MovieLens preset: raw files -> the project's tables.
+
+The generic reader (any interactions + items pair, string ids) is
+:mod:`pipeline.ingest_generic`, the Amazon / MicroLens presets :mod:`pipeline.ingest_presets`,
+the data rules (timestamps, duplicates, k-core, minimum sequence length)
+:mod:`pipeline.ingest_rules` and the file readers :mod:`pipeline.ingest_io`; this module
+keeps the MovieLens path (below) and the command line.
 
 Source layout (as shipped in ``/work/shared/data/movielens-posters`` and in the
 committed subset ``data/movielens-5core``)::
@@ -18,7 +24,10 @@ missing or undecodable ones -> iterative k-core -> sort and write.
 
 CLI::
 
-    python -m pipeline.ingest prepare --source DIR --out DIR [--k-core 5]
+    python -m pipeline.ingest prepare --source DIR --out DIR [--k-core 5]   # MovieLens
+    python -m pipeline.ingest prepare --interactions F --items F --out DIR [column flags]
+    python -m pipeline.ingest prepare --preset amazon --items I.tsv --interactions U.tsv --out DIR
+    python -m pipeline.ingest prepare --preset microlens --source DIR --out DIR
     python -m pipeline.ingest export-subset --source DIR --dest DIR [--k-core 5]
 """
 
@@ -26,10 +35,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import io
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +45,18 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import (ConfigError, CorruptImageError, EmptyTextError, InputDataError,
                              MissingImageError, UnknownItemError)
+from pipeline.ingest_io import read_csv_raw, sha256_file, verify_image
+from pipeline.ingest_rules import Duplicates, apply_duplicates, k_core, parse_timestamps
+from pipeline.ingest_presets import PRESETS
 from stores.tables import item_text, write_tables
+
+# re-exported: the helpers lived here before the split into ingest_io / ingest_rules
+__all__ = ["IngestConfig", "prepare_movielens", "export_subset", "main", "k_core",
+           "read_csv_raw", "sha256_file", "verify_image", "split_genres", "collect_tags"]
 
 ML_DIR, POSTER_DIR = "ml-latest-small", "posters"
 NO_GENRES = "(no genres listed)"
@@ -66,6 +80,9 @@ class IngestConfig(BaseModel):
         on_bad_image: "skip" (count it) or "error" for a missing/undecodable poster.
         on_empty_text: "skip" or "error" for an item with no title, genres or tags.
         on_unknown_item: "skip" or "error" for a rating whose movieId is not in movies.csv.
+        duplicates: rule for duplicate ratings (``pipeline.ingest_rules``): "keep" (the
+            default; counted in the manifest), "drop_exact", "drop_consecutive" or "error"
+            (refused naming the row).
 
     Invalid values raise :class:`ConfigError` naming the setting.
     """
@@ -80,6 +97,7 @@ class IngestConfig(BaseModel):
     on_bad_image: Literal["skip", "error"] = "skip"
     on_empty_text: Literal["skip", "error"] = "skip"
     on_unknown_item: Literal["skip", "error"] = "error"
+    duplicates: Duplicates = "keep"
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -93,41 +111,12 @@ class IngestConfig(BaseModel):
 
 # ----------------------------------------------------------------------- small helpers
 
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_csv_raw(path: Path, columns: list[str]) -> pd.DataFrame:
-    """Read a MovieLens CSV with every field as an exact string (nothing parsed as NA).
-
-    Quoted fields (titles and tags with commas or quotes) are unquoted by pandas' CSV
-    parser. Returns the DataFrame with a RangeIndex equal to the 0-based data row.
-    Raises InputDataError naming the file when it is missing or unreadable, or naming
-    the column when a required column is missing.
-    """
-    if not path.is_file():
-        raise InputDataError("source file does not exist", path=path)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
-                         encoding="utf-8")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise InputDataError(f"cannot parse CSV: {exc}", path=path) from exc
-    for col in columns:
-        if col not in df.columns:
-            raise InputDataError(f"missing column {col!r}", path=path)
-    return df
-
-
 def _numeric(df: pd.DataFrame, col: str, path: Path, kind: str = "int64") -> np.ndarray:
     """Parse one string column as numbers; a bad value raises InputDataError(file, row)."""
     values = pd.to_numeric(df[col].str.strip(), errors="coerce")
     filled = values.fillna(0).to_numpy()
-    bad = values.isna().to_numpy() | ((filled != np.round(filled)) if kind == "int64" else False)
+    bad = values.isna().to_numpy() | ((filled != np.round(filled)) | (np.abs(filled) >= 2.0 ** 63)
+                                      if kind == "int64" else False)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise InputDataError(f"column {col!r} is not a number: {df[col].iloc[row]!r}",
@@ -155,52 +144,6 @@ def collect_tags(tags: pd.DataFrame) -> dict[int, list[str]]:
             key = tag.casefold()
             seen[key] = min(seen.get(key, tag), tag)
     return {i: [seen[k] for k in sorted(seen)] for i, seen in out.items()}
-
-
-def verify_image(path: Path, item_id: int | None = None) -> str:
-    """Check that ``path`` is a decodable image and return the hex sha256 of its bytes.
-
-    Runs PIL's ``verify()`` and then a full ``load()`` on a fresh open (``verify`` alone
-    misses truncated pixel data).
-
-    Raises:
-        MissingImageError: the file does not exist (names the file and ``item_id``).
-        CorruptImageError: the file cannot be read or decoded (names file and item).
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise MissingImageError("image file does not exist", path=path, item_id=item_id) from exc
-    except OSError as exc:
-        raise CorruptImageError(f"cannot read image: {exc}", path=path, item_id=item_id) from exc
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise CorruptImageError(f"cannot decode image: {type(exc).__name__}: {exc}",
-                                path=path, item_id=item_id) from exc
-    return hashlib.sha256(data).hexdigest()
-
-
-def k_core(interactions: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iterative k-core filter on ``user_id``/``item_id`` columns.
-
-    Repeatedly drops rows whose user or item has fewer than ``k`` rows, until every
-    remaining user and item has at least ``k`` (dropping an item can push a user below
-    ``k`` and vice versa). Returns the surviving rows with their original index and
-    row order; other columns are carried along. Raises ConfigError if ``k < 1``.
-    """
-    if k < 1:
-        raise ConfigError(f"k_core must be >= 1 (got {k})")
-    df = interactions
-    while True:
-        keep = (df.groupby("user_id")["user_id"].transform("size") >= k) & \
-               (df.groupby("item_id")["item_id"].transform("size") >= k)
-        if keep.all():
-            return df
-        df = df[keep]
 
 
 class _Skips:
@@ -240,10 +183,13 @@ def _build(cfg: IngestConfig) -> _Built:
     r = pd.DataFrame({"user_id": _numeric(raw["ratings"], "userId", rp),
                       "item_id": _numeric(raw["ratings"], "movieId", rp),
                       "rating": _numeric(raw["ratings"], "rating", rp, "float64"),
-                      "timestamp": _numeric(raw["ratings"], "timestamp", rp)})
+                      "timestamp": parse_timestamps(raw["ratings"]["timestamp"], rp)})
     counts: dict[str, int] = {"raw_ratings": len(r), "raw_users": int(r["user_id"].nunique()),
                               "raw_items": int(r["item_id"].nunique())}
     skips = _Skips()
+    r, dup_counts, dup_rows = apply_duplicates(r.assign(row=np.arange(len(r))), cfg.duplicates, rp)
+    r = r.drop(columns="row")
+    counts.update(dup_counts)
     if cfg.min_rating is not None:
         r = r[r["rating"] >= cfg.min_rating]
         counts["after_min_rating"] = len(r)
@@ -316,7 +262,7 @@ def _build(cfg: IngestConfig) -> _Built:
                                              "image_path", "image_sha256"])
     items = items[items["item_id"].isin(r["item_id"])].reset_index(drop=True)
     manifest = {"dataset": "movielens/ml-latest-small", "config": cfg.model_dump(mode="json"),
-                "counts": counts, "skipped": skips.data,
+                "counts": counts, "skipped": skips.data, "duplicates": dup_rows,
                 "source": {"dir": str(src), "sha256": source_sha}}
     return _Built(r[["user_id", "item_id", "timestamp"]], items, manifest, raw)
 
@@ -448,31 +394,108 @@ def export_subset(source_dir: str | Path, dest_dir: str | Path, k_core: int = 5)
 
 # --------------------------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point (see module docstring). Returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ingest",
-                                     description=__doc__.split("\n")[0])
+                                     description="Ingest a dataset into the project's tables "
+                                                 "(generic files, or a preset).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="ingest MovieLens into the project's tables")
-    p.add_argument("--source", type=Path, required=True)
+    p = sub.add_parser("prepare", help="ingest into the project's tables: a generic "
+                       "interactions + items pair, or a preset (movielens, amazon, microlens)",
+                       description="Generic: --interactions FILE --items FILE (csv, tsv, "
+                       "parquet, jsonl) with column flags or --config. Presets: --source DIR "
+                       "(MovieLens, the default when only --source is given), --preset amazon "
+                       "--items ITEMS.tsv --interactions USERS.tsv, --preset microlens "
+                       "--source DIR.")
+    p.add_argument("--preset", choices=["generic", *PRESETS], default=None)
+    p.add_argument("--source", type=Path, help="MovieLens / MicroLens folder")
+    p.add_argument("--interactions", type=Path, help="interactions file (amazon: users TSV)")
+    p.add_argument("--items", type=Path, help="items file (amazon: items TSV)")
+    p.add_argument("--config", type=Path, help="JSON / TOML file of generic settings "
+                   "(GenericIngestConfig fields; flags override it)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--k-core", type=int, default=5)
-    p.add_argument("--min-rating", type=float, default=None)
-    p.add_argument("--no-require-image", action="store_true")
-    p.add_argument("--on-bad-image", choices=["skip", "error"], default="skip")
-    p.add_argument("--on-empty-text", choices=["skip", "error"], default="skip")
-    p.add_argument("--on-unknown-item", choices=["skip", "error"], default="error")
+    g = p.add_argument_group("generic columns")
+    for flag in ("--user-col", "--item-col", "--timestamp-col", "--items-item-col",
+                 "--text-template", "--image-col"):
+        g.add_argument(flag, default=None)
+    g.add_argument("--timestamp-unit", choices=["s", "ms"], default=None)
+    g.add_argument("--text-cols", nargs="+", default=None)
+    g.add_argument("--image-dir", type=Path, default=None)
+    g.add_argument("--ids", choices=["dense", "keep"], default=None)
+    g.add_argument("--interactions-format", choices=["auto", "csv", "tsv", "parquet", "jsonl"],
+                   default=None)
+    g.add_argument("--items-format", choices=["auto", "csv", "tsv", "parquet", "jsonl"],
+                   default=None)
+    g.add_argument("--header", action="store_true", help="amazon: the TSVs have a header line")
+    r = p.add_argument_group("data rules")
+    r.add_argument("--k-core", type=int, default=None, help="0 = off (default: 5 for "
+                   "MovieLens, off otherwise)")
+    r.add_argument("--duplicates", choices=["keep", "drop_exact", "drop_consecutive", "error"],
+                   default=None)
+    r.add_argument("--min-seq-len", type=int, default=None)
+    r.add_argument("--min-rating", type=float, default=None, help="MovieLens only")
+    r.add_argument("--no-require-image", action="store_true", help="MovieLens only")
+    r.add_argument("--require-image", action="store_true", help="generic: drop items "
+                   "without a decodable image")
+    r.add_argument("--on-bad-image", choices=["skip", "error"], default=None)
+    r.add_argument("--on-empty-text", choices=["skip", "error"], default=None)
+    r.add_argument("--on-unknown-item", choices=["skip", "error"], default=None)
     e = sub.add_parser("export-subset", help="write the k-core subset of a MovieLens source")
     e.add_argument("--source", type=Path, required=True)
     e.add_argument("--dest", type=Path, required=True)
     e.add_argument("--k-core", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def prepare_from_args(args: argparse.Namespace) -> dict:
+    """Run the ``prepare`` command for parsed arguments; returns the manifest."""
+    from pipeline.ingest_generic import (GenericIngestConfig, load_config_file,
+                                         prepare_generic)
+    from pipeline.ingest_presets import prepare_amazon, prepare_microlens
+    from pipeline.ingest_rules import DataRules
+    preset = args.preset or ("generic" if args.interactions or args.config else "movielens")
+    flags = _given(args, "on_bad_image", "on_empty_text", "on_unknown_item")
+    rules = _given(args, "k_core", "duplicates", "min_seq_len")
+    if preset == "movielens":
+        if args.source is None:
+            raise ConfigError("--preset movielens needs --source DIR")
+        if "min_seq_len" in rules:
+            raise ConfigError("--min-seq-len is not a MovieLens setting (use --k-core)")
+        return prepare_movielens(IngestConfig(
+            source_dir=args.source, out_dir=args.out, min_rating=args.min_rating,
+            require_image=not args.no_require_image, **{"k_core": 5, **rules}, **flags))
+    if preset == "amazon":
+        if args.items is None or args.interactions is None:
+            raise ConfigError("--preset amazon needs --items ITEMS.tsv --interactions USERS.tsv")
+        return prepare_amazon(args.items, args.interactions, args.out, DataRules(**rules),
+                              header=args.header, **flags)
+    if preset == "microlens":
+        if args.source is None:
+            raise ConfigError("--preset microlens needs --source DIR")
+        return prepare_microlens(args.source, args.out, DataRules(**rules), **flags)
+    data = load_config_file(args.config) if args.config else {}
+    data.update(_given(args, "interactions", "items", "user_col", "item_col", "timestamp_col",
+                       "timestamp_unit", "items_item_col", "text_template", "image_col",
+                       "image_dir", "ids", "interactions_format", "items_format"), **flags)
+    if args.text_cols:
+        data["text_cols"] = tuple(args.text_cols)
+    if args.require_image:
+        data["require_image"] = True
+    data["rules"] = {**data.get("rules", {}), **rules}
+    if "interactions" not in data or "items" not in data:
+        raise ConfigError("the generic ingest needs --interactions FILE and --items FILE "
+                          "(or both in --config)")
+    return prepare_generic(GenericIngestConfig(out_dir=args.out, **data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (see module docstring). Returns the exit status."""
+    args = _parser().parse_args(argv)
     if args.command == "prepare":
-        manifest = prepare_movielens(IngestConfig(
-            source_dir=args.source, out_dir=args.out, k_core=args.k_core,
-            min_rating=args.min_rating, require_image=not args.no_require_image,
-            on_bad_image=args.on_bad_image, on_empty_text=args.on_empty_text,
-            on_unknown_item=args.on_unknown_item))
+        manifest = prepare_from_args(args)
         print(json.dumps({"counts": manifest["counts"], "tables": manifest["tables"],
                           "dataset_fingerprint": manifest["dataset_fingerprint"]}, indent=2))
     else:
@@ -481,4 +504,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipeline.errors import PipelineError
+    try:
+        raise SystemExit(main())
+    except PipelineError as exc:  # bad input or setting: the message names file and row
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -23,9 +23,16 @@ import torch
 
 from pipeline.errors import ConfigError, UnknownItemError
 
-__all__ = ["ranks_from_scores", "metrics_from_ranks", "exclusion_mask", "EXCLUDE_RULES"]
+__all__ = ["ranks_from_scores", "metrics_from_ranks", "exclusion_mask", "repeat_targets",
+           "EXCLUDE_RULES", "REPEAT_RULES"]
 
 EXCLUDE_RULES = ("none", "window", "all")
+REPEAT_RULES = ("rankable", "masked")
+"""The repeat-target rule: a target that also occurs in the excluded history stays
+``rankable`` (this project's default, RecBole's and LRURec's codes, which never mask the
+target) or is ``masked`` with the rest of the history, as IISAN's code does
+(``score[history] = -inf``, the target included): it then ranks below every competing item,
+a miss at any K below the catalogue size."""
 
 
 def _check_targets(targets: torch.Tensor, num_items: int) -> None:
@@ -36,7 +43,8 @@ def _check_targets(targets: torch.Tensor, num_items: int) -> None:
 
 
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
-                      exclude: torch.Tensor | None = None) -> torch.LongTensor:
+                      exclude: torch.Tensor | None = None,
+                      masked_targets: torch.Tensor | None = None) -> torch.LongTensor:
     """1-based rank of each target in a full ranking over all N items.
 
     Column 0 (padding) and excluded items never compete; the target itself is
@@ -50,6 +58,9 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
         scores: (B, N+1) float scores, higher is better.
         targets: (B,) int64 target indices in 1..N.
         exclude: (B, N+1) bool, True = removed from the ranking; or None.
+        masked_targets: (B,) bool, True = the target itself is masked (the ``masked``
+            repeat-target rule): its rank is 1 + the number of competing items (column 0,
+            excluded items and the target left out), whatever its score; or None.
 
     Returns:
         (B,) int64 ranks in 1..N, on the device of ``scores``.
@@ -73,7 +84,16 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
             raise ValueError(f"exclude must be {tuple(scores.shape)}, got {tuple(exclude.shape)}")
         above &= ~exclude.to(scores.device)
     above[torch.arange(len(targets), device=scores.device), targets] = False
-    return above.sum(1) + 1
+    ranks = above.sum(1) + 1
+    if masked_targets is not None and bool(masked_targets.any()):
+        m = masked_targets.to(scores.device).bool()
+        competing = torch.ones_like(above[m])
+        competing[:, 0] = False
+        if exclude is not None:
+            competing &= ~exclude.to(scores.device)[m]
+        competing[torch.arange(int(m.sum()), device=scores.device), targets[m]] = False
+        ranks[m] = competing.sum(1) + 1
+    return ranks
 
 
 def metrics_from_ranks(ranks: torch.Tensor | np.ndarray,
@@ -113,8 +133,10 @@ def exclusion_mask(histories: Sequence[np.ndarray], targets: torch.Tensor | np.n
 
     ``none``: nothing (fMRLRec, RecBole). ``window``: the items among the last
     ``max_len`` history items, i.e. the model's input window (LRURec). ``all``: every
-    earlier item of the user (IISAN, MicroLens). The target is never masked, even
-    when it also occurs in the history (a repeat consumption stays rankable).
+    earlier item of the user (IISAN, MicroLens). The target is never masked here, even
+    when it also occurs in the history (a repeat consumption stays rankable); the
+    ``masked`` repeat-target rule (IISAN's code) is applied by passing
+    :func:`repeat_targets` to :func:`ranks_from_scores`.
 
     Args:
         histories: B int arrays of model item indices (1..N) in time order.
@@ -145,3 +167,23 @@ def exclusion_mask(histories: Sequence[np.ndarray], targets: torch.Tensor | np.n
         mask[:, 0] = False
         mask[torch.arange(len(targets)), targets] = False
     return mask
+
+
+def repeat_targets(histories: Sequence[np.ndarray], targets: torch.Tensor | np.ndarray,
+                   rule: Literal["none", "window", "all"], max_len: int) -> torch.Tensor:
+    """(B,) bool: whether each target occurs in the part of its history that ``rule``
+    excludes (``all``: the whole history; ``window``: its last ``max_len`` items; ``none``:
+    never). These are the targets the ``masked`` repeat-target rule masks.
+
+    Raises: ConfigError for an unknown rule or ``max_len`` < 1.
+    """
+    if rule not in EXCLUDE_RULES:
+        raise ConfigError(f"exclude rule must be one of {EXCLUDE_RULES}, got {rule!r}")
+    if max_len < 1:
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
+    t = np.asarray(targets)
+    if rule == "none":
+        return torch.zeros(len(t), dtype=torch.bool)
+    out = [bool(np.isin(int(tt), np.asarray(h)[-max_len:] if rule == "window" else np.asarray(h)))
+           for h, tt in zip(histories, t)]
+    return torch.tensor(out, dtype=torch.bool)

@@ -34,6 +34,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, train
+from pipeline.train_runs import metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -198,18 +199,23 @@ def same_inputs(run_dir: Path, cfg: TrainConfig,
 
 
 def metrics_for(run_dir: Path, eval_cfg: EvalConfig) -> dict[str, Any] | None:
-    """The run's ``metrics.json`` when it was written after the weights for ``eval_cfg``
-    (same exclusion rule, same cut-offs), else None."""
+    """The run's metrics for ``eval_cfg`` when written after the weights (same exclusion and
+    repeat-target rules, same cut-offs), else None: the per-rule file
+    (``metrics-<exclude>-<repeat_target>.json``), or ``metrics.json`` of a run evaluated
+    before those files existed."""
     run_dir = Path(run_dir)
+    path = run_dir / metrics_file(eval_cfg.exclude, eval_cfg.repeat_target)
+    if not path.exists():  # written before the per-rule files existed
+        path = run_dir / "metrics.json"
     try:
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m = json.loads(path.read_text())
         if (run_dir / "model.safetensors").exists() and \
-                (run_dir / "metrics.json").stat().st_mtime_ns < \
-                (run_dir / "model.safetensors").stat().st_mtime_ns:
+                path.stat().st_mtime_ns < (run_dir / "model.safetensors").stat().st_mtime_ns:
             return None  # scores of earlier weights
     except (OSError, ValueError):
         return None
-    if not isinstance(m, dict) or m.get("exclude") != eval_cfg.exclude:
+    if not isinstance(m, dict) or m.get("exclude") != eval_cfg.exclude or \
+            m.get("repeat_target", "rankable") != eval_cfg.repeat_target:
         return None
     ks = {int(k.split("@")[1]) for k in m.get("test", {}) if k.startswith("NDCG@")}
     return m if ks == set(eval_cfg.ks) else None
@@ -273,7 +279,7 @@ def evaluate_or_reuse(run_dir: Path, eval_cfg: EvalConfig | None = None, device:
         m = metrics_for(run_dir, ecfg) if ecfg is not None else None
         if m is not None:
             log.info("reusing metrics %s (weights and evaluation settings unchanged)",
-                     run_dir / "metrics.json")
+                     run_dir / metrics_file(ecfg.exclude, ecfg.repeat_target))
             return m
     return evaluate_checkpoint(run_dir, eval_cfg, device=device)
 

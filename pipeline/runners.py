@@ -28,7 +28,20 @@ worker host choose a cluster without touching deployments (:func:`runner_config_
 ``MMCACHE_DASK_ADAPT_KWARGS``   JSON object passed to ``cluster.adapt`` (e.g. ``{"maximum": 8}``)
 ``MMCACHE_DASK_LOCAL_WORKERS``  ``n`` -> ``kind="local"`` with ``n`` worker processes
 ``MMCACHE_GPUS_PER_TASK``       GPU resource units one encoder task needs (default 0: none)
+``MMCACHE_DASK_ALLOWED_CLUSTER_CLASSES`` comma-separated import paths the operator adds to
+                                the cluster-class allow-list (read where the flow runs)
 =============================== ===========================================================
+
+**Parameters are data, not code.** A cluster class is chosen only from an allow-list:
+``distributed.LocalCluster`` and the cluster classes of dask-jobqueue and dask-kubernetes
+(:data:`ALLOWED_CLUSTER_CLASSES`), plus what the operator lists in
+``MMCACHE_DASK_ALLOWED_CLUSTER_CLASSES`` in the worker's environment (configuration of the
+machine, never a run parameter: :class:`RunnerConfig` has no such field). Anything else,
+from the ``runner`` parameter or ``MMCACHE_DASK_CLUSTER_CLASS``, is refused with
+:class:`ConfigError` before anything is imported. ``cluster_kwargs`` / ``adapt_kwargs``
+given as a run parameter may not carry keys that name code or commands (``worker_class``,
+``preload``, ``job_script_prologue``, ``python``, ...: :data:`CODE_KWARGS`, at any depth);
+the operator's ``MMCACHE_DASK_CLUSTER_KWARGS`` may.
 """
 
 from __future__ import annotations
@@ -44,6 +57,58 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.errors import ConfigError
 
 ENV_PREFIX = "MMCACHE_"
+ALLOWED_ENV = f"{ENV_PREFIX}DASK_ALLOWED_CLUSTER_CLASSES"
+
+#: cluster classes a ``runner`` may name without the operator's say-so
+ALLOWED_CLUSTER_CLASSES: frozenset[str] = frozenset({
+    "distributed.LocalCluster", "dask.distributed.LocalCluster",
+    *(f"dask_jobqueue.{c}" for c in ("SLURMCluster", "PBSCluster", "SGECluster", "LSFCluster",
+                                     "OARCluster", "HTCondorCluster", "MoabCluster")),
+    "dask_kubernetes.operator.KubeCluster", "dask_kubernetes.KubeCluster",
+    "dask_kubernetes.HelmCluster", "dask_kubernetes.classic.KubeCluster"})
+
+#: keyword arguments that name code to import or commands to run; refused in a run parameter
+CODE_KWARGS: frozenset[str] = frozenset({
+    "worker_class", "scheduler_class", "cls", "preload", "preload_argv", "preload_nanny",
+    "preload_nanny_argv", "plugins", "extensions", "job_script_prologue", "job_extra",
+    "job_extra_directives", "env_extra", "python", "shebang", "worker_command",
+    "worker_extra_args", "extra", "pod_template", "scheduler_pod_template", "custom_resource",
+    "env", "command", "args", "executable"})
+
+
+def allowed_cluster_classes(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The allow-list: :data:`ALLOWED_CLUSTER_CLASSES` plus the operator's
+    ``MMCACHE_DASK_ALLOWED_CLUSTER_CLASSES`` (comma-separated import paths)."""
+    env = os.environ if environ is None else environ
+    extra = {c.strip() for c in (env.get(ALLOWED_ENV) or "").split(",") if c.strip()}
+    return ALLOWED_CLUSTER_CLASSES | extra
+
+
+def check_cluster_class(path: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a cluster class outside the allow-list (nothing is imported).
+
+    Raises:
+        ConfigError: names the class, the allow-list and how the operator extends it.
+    """
+    allowed = allowed_cluster_classes(environ)
+    if path not in allowed:
+        raise ConfigError(
+            f"cluster_class {path!r} is not an allowed Dask cluster class; allowed: "
+            f"{', '.join(sorted(allowed))}. An operator adds classes with {ALLOWED_ENV} in the "
+            f"worker's environment (a run parameter cannot)")
+
+
+def _check_no_code(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if str(k) in CODE_KWARGS:
+                raise ConfigError(f"runner parameter: {where}.{k} is not allowed (it names code "
+                                  f"or a command to run); set it in the worker's "
+                                  f"{ENV_PREFIX}DASK_CLUSTER_KWARGS if it is needed")
+            _check_no_code(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_no_code(v, f"{where}[{i}]")
 
 
 class RunnerConfig(BaseModel):
@@ -53,7 +118,9 @@ class RunnerConfig(BaseModel):
         kind: ``thread`` | ``local`` | ``address`` | ``cluster``.
         max_workers: threads of the thread runner (``thread`` only).
         address: Dask scheduler address (``address`` only).
-        cluster_class: import path of a ``distributed.deploy.Cluster`` subclass (``cluster``).
+        cluster_class: import path of a ``distributed.deploy.Cluster`` subclass (``cluster``),
+            one of :func:`allowed_cluster_classes` (checked by :func:`resolve_runner_config`,
+            :func:`runner_config_from_env` and :func:`make_task_runner`).
         cluster_kwargs: keyword arguments of the cluster class (``cluster``), merged over
             the LocalCluster defaults (``local``).
         adapt_kwargs: arguments of ``cluster.adapt`` (adaptive scaling), or None.
@@ -126,8 +193,8 @@ def runner_config_from_env(environ: Mapping[str, str] | None = None) -> RunnerCo
     means ``kind="thread"``.
 
     Raises:
-        ConfigError: a malformed value (not JSON, not a number), or both an address and a
-            cluster class.
+        ConfigError: a malformed value (not JSON, not a number), both an address and a
+            cluster class, or a cluster class outside the allow-list.
     """
     env = os.environ if environ is None else environ
     address = env.get(f"{ENV_PREFIX}DASK_ADDRESS") or None
@@ -143,6 +210,8 @@ def runner_config_from_env(environ: Mapping[str, str] | None = None) -> RunnerCo
     if address and cluster_class:
         raise ConfigError(f"set either {ENV_PREFIX}DASK_ADDRESS or "
                           f"{ENV_PREFIX}DASK_CLUSTER_CLASS, not both")
+    if cluster_class:
+        check_cluster_class(cluster_class, env)
     try:
         if address:
             return RunnerConfig(kind="address", address=address, gpus_per_task=gpus)
@@ -163,19 +232,31 @@ def resolve_runner_config(value: RunnerConfig | Mapping[str, Any] | None,
     """A flow's ``runner`` parameter if given, else the environment's choice.
 
     Raises:
-        ConfigError: the parameter or the environment is invalid (names the problem).
+        ConfigError: the parameter or the environment is invalid (names the problem), the
+            cluster class is not on the allow-list, or the parameter's kwargs name code.
     """
     if value is None or (isinstance(value, Mapping) and not value):
         return runner_config_from_env(environ)
     if isinstance(value, RunnerConfig):
+        data = value.model_dump()
+    else:
+        data = dict(value)
+    if data.get("cluster_class"):
+        check_cluster_class(str(data["cluster_class"]), environ)
+    for key in ("cluster_kwargs", "adapt_kwargs", "worker_resources"):
+        _check_no_code(data.get(key) or {}, key)
+    if isinstance(value, RunnerConfig):
         return value
     try:
-        return RunnerConfig(**dict(value))
+        return RunnerConfig(**data)
+    except ConfigError:
+        raise
     except ValueError as exc:
-        raise ConfigError(f"invalid runner parameter {dict(value)!r}: {exc}") from None
+        raise ConfigError(f"invalid runner parameter {data!r}: {exc}") from None
 
 
-def _import_class(path: str) -> type:
+def _import_class(path: str, environ: Mapping[str, str] | None = None) -> type:
+    check_cluster_class(path, environ)  # again: a RunnerConfig may be built directly
     module, _, name = path.rpartition(".")
     if not module:
         raise ConfigError(f"cluster_class {path!r} is not an import path like "
@@ -196,7 +277,8 @@ def make_task_runner(cfg: RunnerConfig):
         ``prefect.task_runners.ThreadPoolTaskRunner`` for ``thread``, otherwise
         ``prefect_dask.DaskTaskRunner``.
     Raises:
-        ConfigError: the cluster class cannot be imported.
+        ConfigError: the cluster class is not on the allow-list (checked before any
+            import), or cannot be imported.
     """
     if cfg.kind == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner

@@ -31,7 +31,7 @@ seconds), ``train_summary.json`` and, after :func:`evaluate_checkpoint`, ``metri
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import logging
 import time
@@ -55,11 +55,13 @@ from models.sasrec import MatryoshkaSASRec, SASRec, SASRecConfig
 from models.vbpr import VBPR, VBPRConfig
 from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
-from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores
+from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores, repeat_targets
+from pipeline.train_runs import (GracefulStop, HistoryLog, cached_item_table, metrics_file,
+                                 top_items, valid_sample, write_id_map, write_per_user)
 from pipeline.split import SequenceSplit, build_split, pad_left
 from pipeline.cached_inputs import load_stores, row_widths
 from stores.hidden_states import dump_json
-from stores.tables import read_tables
+from stores.tables import key_maps, read_tables
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ CONTENT_ENCODERS = ("iisan", "concat", "qformer")
 ARCH_FIELDS = ("item_encoder", "use_id", "text_store", "image_store", "text_layers",
                "image_layers", "feature_norm", "seq_model", "hidden", "sizes", "n_layers", "n_heads",
                "gru_layers", "lru_r_min", "lru_r_max", "lru_state_mult", "adapter_dim",
-               "use_intra", "use_inter", "use_gates", "qformer_queries", "qformer_layers",
+               "use_intra", "use_inter", "use_gates", "iisan_pairing", "iisan_inter_start",
+               "iisan_ungated", "iisan_without_intra", "qformer_queries", "qformer_layers",
                "qformer_heads", "qformer_dim", "vbpr_factors")
 
 
@@ -103,6 +106,15 @@ class TrainConfig(BaseModel):
         max_len, n_layers, n_heads, dropout: sequence-model settings (IISAN: 50, 2, 2, 0.1).
         gru_layers: GRU4Rec layers. lru_r_min / lru_r_max / lru_state_mult: LRU settings.
         adapter_dim, use_intra, use_inter, use_gates: IISAN settings (ablation switches).
+        iisan_pairing: rows the Inter-SAN pairs (``models.san.IISANConfig.pairing``):
+            ``versa`` (IISAN-Versa group LayerDrop for the stores' tower depths; the stores
+            must hold those hidden states), ``top`` (top min(Lt, Li) rows) or None (default:
+            ``versa`` when the stores hold its rows, else ``top``). The resolved pairing is
+            written to the run's ``config.json`` (``model.iisan``).
+        iisan_inter_start / iisan_ungated / iisan_without_intra: ``IISANConfig``'s
+            ``inter_start`` (``zeros``, public code / ``gate``), ``ungated`` (``sum``, public
+            code / ``half``) and ``without_intra`` (``inter_only``, public code /
+            ``frozen_rows``).
         qformer_queries / qformer_layers / qformer_heads / qformer_dim: Fusion-Q-Former.
         vbpr_factors: K = K' of VBPR.
         loss: ``ce`` (full softmax; averaged over sizes, fMRLRec eq. 14), ``debiased_ce``
@@ -116,6 +128,15 @@ class TrainConfig(BaseModel):
         lr, weight_decay, batch_size: AdamW settings; batch_size in training windows (VBPR:
             ``batch_size * max_len`` pairs).
         max_epochs, patience, monitor: early stopping on validation (in epochs).
+        valid_every: validate every this many epochs (patience still counts epochs; the
+            last epoch is always validated).
+        valid_users: validate during training on this fixed random sample of users (None:
+            all); the best epoch's validation figures are then recomputed on all users, and
+            the test is always full ranking over all users.
+        time_budget_s: stop (after an epoch, best checkpoint kept) when the next epoch
+            would end past this many seconds of training (None: no budget). The default,
+            3 h, lets every run finish on a 2-core machine; early stopping ends most runs
+            sooner. SIGTERM / SIGINT also stop a run cleanly (``pipeline.train_runs``).
         cold_threshold: a target item with at most this many training interactions is cold.
         seed: controls initialisation, shuffling and negative sampling.
     Raises:
@@ -151,6 +172,10 @@ class TrainConfig(BaseModel):
     use_intra: bool = True
     use_inter: bool = True
     use_gates: bool = True
+    iisan_pairing: Literal["versa", "top"] | None = None
+    iisan_inter_start: Literal["zeros", "gate"] = "zeros"
+    iisan_ungated: Literal["sum", "half"] = "sum"
+    iisan_without_intra: Literal["inter_only", "frozen_rows"] = "inter_only"
     qformer_queries: int = Field(default=4, ge=1)
     qformer_layers: int = Field(default=1, ge=1)
     qformer_heads: int = Field(default=2, ge=1)
@@ -171,6 +196,9 @@ class TrainConfig(BaseModel):
     max_epochs: int = Field(default=100, ge=1)
     patience: int = Field(default=10, ge=1)
     monitor: str = "NDCG@10"
+    valid_every: int = Field(default=1, ge=1)
+    valid_users: int | None = Field(default=None, ge=1)
+    time_budget_s: float | None = Field(default=3 * 3600.0, gt=0)
     cold_threshold: int = Field(default=20, ge=0)
     seed: int = 42
     device: str = "cpu"
@@ -287,13 +315,57 @@ def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
     raise ConfigError(f"{cfg.seq_model!r} is not a sequence model")
 
 
+def tower_layers(cfg: TrainConfig, specs: dict[str, Any]) -> dict[str, Any]:
+    """``{"text_layer_ids", "text_depth", "image_...": ...}`` of the loaded stores: the
+    hidden-state index of each loaded row and the tower's blocks (``num_model_layers``),
+    for the IISAN pairing (``models.san.IISANConfig``)."""
+    out: dict[str, Any] = {}
+    for m in ("text", "image"):
+        if m in specs:
+            out[f"{m}_layer_ids"] = tuple(getattr(cfg, f"{m}_layers")
+                                          or specs[m]["layer_indices"])
+            out[f"{m}_depth"] = int(specs[m]["num_model_layers"])
+    return out
+
+
+def iisan_config(cfg: TrainConfig, dims: dict[str, Any], rows: dict[str, int],
+                 towers: dict[str, Any] | None = None) -> IISANConfig:
+    """The IISAN encoder config of a run; ``iisan_pairing=None`` resolves to ``versa`` when
+    the given rows hold its hidden states, else ``top``. Raises ConfigError as IISANConfig."""
+    kw = dict(**dims, **rows, **(towers or {}), adapter_dim=cfg.adapter_dim, out_dim=cfg.hidden,
+              use_intra=cfg.use_intra, use_inter=cfg.use_inter, use_gates=cfg.use_gates,
+              inter_start=cfg.iisan_inter_start, ungated=cfg.iisan_ungated,
+              without_intra=cfg.iisan_without_intra)
+    if cfg.iisan_pairing is not None:
+        return IISANConfig(**kw, pairing=cfg.iisan_pairing)
+    try:
+        return IISANConfig(**kw, pairing="versa")
+    except ConfigError as exc:
+        if "pairing='versa'" not in str(exc):
+            raise
+        log.info("%s: the stores lack the IISAN-Versa rows (%s); the Inter-SAN pairs the top "
+                 "rows", cfg.name, exc)
+        return IISANConfig(**kw, pairing="top")
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """What the run's model resolved to, for ``config.json``: ``{"iisan": ...}`` for an
+    IISAN item encoder (pairing, options, fused parts), else {}."""
+    for m in model.modules():
+        if isinstance(m, IISANItemEncoder):
+            return {"iisan": m.cfg.resolved()}
+    return {}
+
+
 def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
                      image_h: torch.Tensor | None,
-                     widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.nn.Module:
+                     widths: dict[str, tuple[int, ...] | None] | None = None,
+                     towers: dict[str, Any] | None = None) -> torch.nn.Module:
     """The configured item table: IDs, a content encoder over the cache, or content + IDs.
 
     ``widths``: :func:`row_widths` of mixed-width stores (a CNN's stages), passed to the
     content encoders (row-wise DTL, see ``models.dtl``); None for uniform rows.
+    ``towers``: :func:`tower_layers` of the stores (IISAN pairing); None = rows 0..K-1.
     """
     if cfg.item_encoder == "id":
         return IDItemTable(num_items, cfg.hidden)
@@ -303,9 +375,7 @@ def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | No
     rows = dict(text_rows=text_h.shape[1] if text_h is not None else 0,
                 image_rows=image_h.shape[1] if image_h is not None else 0)
     if cfg.item_encoder == "iisan":
-        enc: torch.nn.Module = IISANItemEncoder(IISANConfig(
-            **dims, **rows, adapter_dim=cfg.adapter_dim, out_dim=cfg.hidden,
-            use_intra=cfg.use_intra, use_inter=cfg.use_inter, use_gates=cfg.use_gates))
+        enc: torch.nn.Module = IISANItemEncoder(iisan_config(cfg, dims, rows, towers))
     elif cfg.item_encoder == "concat":
         enc = LinearFusionEncoder(LinearFusionConfig(**dims, out_dim=cfg.hidden))
     else:
@@ -334,16 +404,18 @@ def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None,
 
 def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
                 image_h: torch.Tensor | None, num_users: int = 0,
-                widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.nn.Module:
+                widths: dict[str, tuple[int, ...] | None] | None = None,
+                towers: dict[str, Any] | None = None) -> torch.nn.Module:
     """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR.
 
-    ``widths``: :func:`row_widths` of the loaded stores (None: every row full width)."""
+    ``widths``: :func:`row_widths` of the loaded stores (None: every row full width);
+    ``towers``: :func:`tower_layers` of the stores (None: rows 0..K-1 of a K-1 block tower)."""
     if cfg.seq_model == "vbpr":
         return VBPR(VBPRConfig(num_users=num_users, num_items=num_items,
                                factors=cfg.vbpr_factors, visual_factors=cfg.vbpr_factors),
                     vbpr_features(text_h, image_h, widths))
-    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h, widths),
-                                 build_seq_model(cfg))
+    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h, widths,
+                                                  towers), build_seq_model(cfg))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -354,18 +426,26 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 def score_fn_for(model: torch.nn.Module) -> ScoreFn:
     """(histories (B, L), user rows (B,)) -> one (B, N + 1) score tensor per size."""
     if isinstance(model, VBPR):
-        return lambda hist, users: [model.score_all(users)]
-    return lambda hist, users: model.score_last_sizes(hist)
+        fn = lambda hist, users: [model.score_all(users)]  # noqa: E731
+    else:
+        fn = lambda hist, users: model.score_last_sizes(hist)  # noqa: E731
+    fn.model = model  # type: ignore[attr-defined]  # rank_examples caches its item table
+    return fn
 
 
 def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid", "test"],
-                  ecfg: EvalConfig, device: str | torch.device = "cpu"
-                  ) -> tuple[list[torch.Tensor], np.ndarray]:
+                  ecfg: EvalConfig, device: str | torch.device = "cpu",
+                  sample: np.ndarray | None = None, tops: list | None = None,
+                  top_k: int = 10) -> tuple[list[torch.Tensor], np.ndarray]:
     """Full-ranking ranks of every validation / test target, at every size.
 
     Same histories, cut, exclusion rule and pessimistic ties as
     :func:`pipeline.evaluate.evaluate` (``metrics_from_ranks`` of the result equals it), but
     the per-example ranks are kept so that subsets (cold items) can be scored.
+
+    ``sample``: positions of the examples to score (None: all); ``tops``: a list that gets
+    one (b, ``top_k``) tensor of the largest size's best items per batch (recommendations).
+    The repeat-target rule is ``ecfg.repeat_target``.
 
     Returns: (one (n,) long rank tensor per size, (n,) target item indices).
     Raises: ConfigError if the score shape is wrong; InputDataError if no example.
@@ -376,6 +456,9 @@ def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid
     if not histories:
         raise InputDataError(f"the split has no {stage} example (every user has < 3 interactions)")
     users = torch.tensor([u for u, s in enumerate(split.sequences) if len(s) >= 3])
+    if sample is not None:
+        histories, targets = [histories[i] for i in sample], targets[sample]
+        users = users[torch.from_numpy(np.asarray(sample))]
     n = split.num_items
     out: list[list[torch.Tensor]] = []
     # a bar over user batches on a terminal, for large passes only (many users x items)
@@ -383,21 +466,29 @@ def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid
     users_bar = progress.bar(len(histories), f"rank {stage}", unit="user", leave=False,
                              show=None if n_batches > 1 and len(histories) * n
                              >= progress.EVAL_BAR_MIN_SCORES else False)
-    for start in range(0, len(histories), ecfg.batch_size):
-        hist, tgt = histories[start:start + ecfg.batch_size], targets[start:start + ecfg.batch_size]
-        with torch.no_grad():
-            per_size = score_fn(pad_left(hist, ecfg.max_len).to(device),
-                                users[start:start + len(hist)].to(device))
-        mask = exclusion_mask(hist, tgt, n, ecfg.exclude, ecfg.max_len)
-        for k, scores in enumerate(per_size):
-            if tuple(scores.shape) != (len(hist), n + 1):
-                raise ConfigError(f"score_fn returned shape {tuple(scores.shape)}, "
-                                  f"expected {(len(hist), n + 1)}")
-            if len(out) <= k:
-                out.append([])
-            out[k].append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
-                                            mask).cpu())
-        users_bar.update(len(hist))
+    # the item table once per pass, not once per batch of users (IISAN: the whole encoder)
+    model = getattr(score_fn, "model", None)
+    with cached_item_table(model) if model is not None else contextlib.nullcontext():
+        for start in range(0, len(histories), ecfg.batch_size):
+            stop = start + ecfg.batch_size
+            hist, tgt = histories[start:stop], targets[start:stop]
+            with torch.no_grad():
+                per_size = score_fn(pad_left(hist, ecfg.max_len).to(device),
+                                    users[start:start + len(hist)].to(device))
+            mask = exclusion_mask(hist, tgt, n, ecfg.exclude, ecfg.max_len)
+            masked = repeat_targets(hist, tgt, ecfg.exclude, ecfg.max_len) \
+                if ecfg.repeat_target == "masked" else None
+            for k, scores in enumerate(per_size):
+                if tuple(scores.shape) != (len(hist), n + 1):
+                    raise ConfigError(f"score_fn returned shape {tuple(scores.shape)}, "
+                                      f"expected {(len(hist), n + 1)}")
+                if len(out) <= k:
+                    out.append([])
+                out[k].append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
+                                                mask, masked).cpu())
+            if tops is not None:
+                tops.append(top_items(per_size[-1], mask, top_k))
+            users_bar.update(len(hist))
     users_bar.close()
     return [torch.cat(r) for r in out], targets
 
@@ -466,7 +557,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     dev = torch.device(cfg.device)
     model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
-                        row_widths(specs))
+                        row_widths(specs), tower_layers(cfg, specs))
     lora_info: dict[str, Any] = {}
     if cfg.lora_from is not None:
         base = _base_checkpoint(cfg)
@@ -497,82 +588,120 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_secs = 0.0
     run_dir = cfg.out_dir / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    hist_log = HistoryLog(run_dir / "history.csv")
+    metric_keys = [f"{m}@{k}" for k in ecfg.ks for m in ("HR", "NDCG")] + ["MRR"]
+    n_valid = len(split.examples("valid")[1])
+    sample = valid_sample(n_valid, cfg.valid_users, cfg.seed)
     log.info("%s: training on %d %s, %d items, %d trainable parameters, up to %d epochs "
-             "(early stop on valid %s, patience %d)", cfg.name, len(data[0]),
+             "(early stop on valid %s, patience %d; validation every %d epoch(s) on %s users; "
+             "time budget %s; exclude %s, repeat targets %s)", cfg.name, len(data[0]),
              "pairs" if vbpr else "windows", split.num_items, n_params, cfg.max_epochs,
-             cfg.monitor, cfg.patience)
+             cfg.monitor, cfg.patience, cfg.valid_every,
+             "all" if sample is None else f"{len(sample)} of {n_valid}",
+             f"{cfg.time_budget_s:.0f} s" if cfg.time_budget_s else "none", ecfg.exclude,
+             ecfg.repeat_target)
     epochs_bar = progress.bar(cfg.max_epochs, cfg.name, unit="epoch")
-    for epoch in range(1, cfg.max_epochs + 1):
-        te = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(data[0]), generator=gen)
-        losses = []
-        for b in range(0, len(perm), step_size):
-            idx = perm[b:b + step_size]
-            a, y = data[0][idx].to(dev), data[1][idx].to(dev)
-            if vbpr:
-                neg = sample_negatives(y, split.num_items, cfg.bpr_negatives, gen)
-                loss = bpr_loss(model.score(a, y[:, None])[:, 0], model.score(a, neg))
-            elif cic is not None:
-                content, ids = model.item_table.parts()  # each (N + 1, D)
-                table = content + ids
-                loss = model.loss(a, y, cfg.loss, table=table, log_pop=log_pop,
-                                  num_negatives=cfg.bpr_negatives, generator=gen)
-                it = _cic_items(a, y)
-                loss = loss + cfg.cic_weight * cic(content[it], ids[it])
+    stopped: str | None = None
+    t_loop = time.perf_counter()
+    with GracefulStop() as stop:
+        for epoch in range(1, cfg.max_epochs + 1):
+            te = time.perf_counter()
+            model.train()
+            perm = torch.randperm(len(data[0]), generator=gen)
+            losses = []
+            for b in range(0, len(perm), step_size):
+                if stop.requested:
+                    break
+                idx = perm[b:b + step_size]
+                a, y = data[0][idx].to(dev), data[1][idx].to(dev)
+                if vbpr:
+                    neg = sample_negatives(y, split.num_items, cfg.bpr_negatives, gen)
+                    loss = bpr_loss(model.score(a, y[:, None])[:, 0], model.score(a, neg))
+                elif cic is not None:
+                    content, ids = model.item_table.parts()  # each (N + 1, D)
+                    table = content + ids
+                    loss = model.loss(a, y, cfg.loss, table=table, log_pop=log_pop,
+                                      num_negatives=cfg.bpr_negatives, generator=gen)
+                    it = _cic_items(a, y)
+                    loss = loss + cfg.cic_weight * cic(content[it], ids[it])
+                else:
+                    loss = model.loss(a, y, cfg.loss, log_pop=log_pop,
+                                      num_negatives=cfg.bpr_negatives, generator=gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            train_secs += time.perf_counter() - te
+            elapsed = time.perf_counter() - t_loop
+            if stop.requested:
+                stopped = stop.requested
+            elif cfg.time_budget_s and elapsed + elapsed / epoch > cfg.time_budget_s:
+                stopped = "time_budget"
+            validate = (epoch % cfg.valid_every == 0 or epoch == cfg.max_epochs
+                        or stopped is not None or best_state is None)
+            epoch_loss = float(np.mean(losses)) if losses else float("nan")
+            value, improved = float("nan"), False
+            if validate:
+                model.eval()
+                ranks, _ = rank_examples(score, split, "valid", ecfg, dev, sample=sample)
+                valid = {**metrics_from_ranks(ranks[-1], ecfg.ks), "n_users": len(ranks[-1])}
+                value = valid[cfg.monitor]
+                improved = value > best
+                if improved:
+                    best, best_epoch = value, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
-                loss = model.loss(a, y, cfg.loss, log_pop=log_pop,
-                                  num_negatives=cfg.bpr_negatives, generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        train_secs += time.perf_counter() - te
-        model.eval()
-        ranks, _ = rank_examples(score, split, "valid", ecfg, dev)
-        valid = {**metrics_from_ranks(ranks[-1], ecfg.ks), "n_users": len(ranks[-1])}
-        value = valid[cfg.monitor]
-        epoch_loss, epoch_s = float(np.mean(losses)), time.perf_counter() - te
-        history.append({"epoch": epoch, "loss": epoch_loss, **valid,
-                        "seconds": round(epoch_s, 3)})
-        improved = value > best
-        if improved:
-            best, best_epoch = value, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        # one line per epoch (shown by Prefect: PREFECT_LOGGING_EXTRA_LOGGERS=pipeline)
-        log.info("%s epoch %d/%d loss %.4f valid %s %.4f (best %.4f @ %d) %.1f s", cfg.name,
-                 epoch, cfg.max_epochs, epoch_loss, cfg.monitor, value, best, best_epoch,
-                 epoch_s)
-        epochs_bar.update(1)
-        epochs_bar.set_postfix_str(f"loss {epoch_loss:.4f} {cfg.monitor} {value:.4f} "
-                                   f"best {best:.4f} @ {best_epoch}")
-        if not improved and epoch - best_epoch >= cfg.patience:
-            log.info("%s: stopping early after epoch %d: no better valid %s for %d epochs "
-                     "(best %.4f @ %d)", cfg.name, epoch, cfg.monitor, cfg.patience, best,
-                     best_epoch)
-            break
+                valid = {**{k: "" for k in metric_keys}, "n_users": ""}
+            epoch_s = time.perf_counter() - te
+            row = {"epoch": epoch, "loss": epoch_loss, **valid, "validated": int(validate),
+                   "seconds": round(epoch_s, 3)}
+            history.append(row)
+            hist_log.append(row)
+            # one line per epoch (shown by Prefect: PREFECT_LOGGING_EXTRA_LOGGERS=pipeline)
+            log.info("%s epoch %d/%d loss %.4f valid %s %s (best %.4f @ %d) %.1f s", cfg.name,
+                     epoch, cfg.max_epochs, epoch_loss, cfg.monitor,
+                     f"{value:.4f}" if validate else "-", best, best_epoch, epoch_s)
+            epochs_bar.update(1)
+            epochs_bar.set_postfix_str(f"loss {epoch_loss:.4f} {cfg.monitor} "
+                                       f"{value:.4f} best {best:.4f} @ {best_epoch}")
+            if stopped is not None:
+                log.warning("%s: stopping after epoch %d (%s; %.0f s of training): the best "
+                            "checkpoint (epoch %d) is saved", cfg.name, epoch,
+                            "time budget" if stopped == "time_budget" else stopped, elapsed,
+                            best_epoch)
+                break
+            if validate and not improved and epoch - best_epoch >= cfg.patience:
+                log.info("%s: stopping early after epoch %d: no better valid %s for %d epochs "
+                         "(best %.4f @ %d)", cfg.name, epoch, cfg.monitor, cfg.patience, best,
+                         best_epoch)
+                break
     epochs_bar.close()
     model.load_state_dict(best_state)
+    best_valid = dict(history[best_epoch - 1])
+    if sample is not None:  # the best epoch's figures on every user
+        model.eval()
+        ranks, _ = rank_examples(score, split, "valid", ecfg, dev)
+        best_valid.update(metrics_from_ranks(ranks[-1], ecfg.ks), n_users=len(ranks[-1]),
+                          sampled_value=best)
     if cfg.lora_from is not None:
         merge_lora(model.seq_model)
     secs = time.perf_counter() - t0
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(run_dir / "model.safetensors"))
     (run_dir / "config.json").write_text(dump_json({
-        "train": cfg.model_dump(mode="json"), "stores": specs,
+        "train": cfg.model_dump(mode="json"), "stores": specs, "model": describe_model(model),
         "num_items": split.num_items, "num_users": len(split.user_ids),
         "items_fingerprint": tables.manifest.get("items_fingerprint")
         or tables.manifest.get("fingerprint")}))
-    with open(run_dir / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    item_keys, user_keys = key_maps(tables)
+    write_id_map(run_dir, split.item_ids, item_keys, split.user_ids, user_keys)
     result = {"name": cfg.name, "checkpoint_dir": str(run_dir), "best_epoch": best_epoch,
-              "epochs_run": len(history), "best_valid": history[best_epoch - 1],
+              "epochs_run": len(history), "best_valid": best_valid,
               "seconds": round(secs, 2), "seconds_per_epoch": round(train_secs / len(history), 3),
               "params": n_params, "params_effective": effective_params(model)
               if cfg.lora_from is None else lora_info["lora_params"],
-              "exclude": ecfg.exclude, **lora_info}
+              "exclude": ecfg.exclude, "repeat_target": ecfg.repeat_target,
+              "stopped": stopped, **lora_info}
     (run_dir / "train_summary.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -594,22 +723,32 @@ def load_checkpoint(run_dir: Path, device: str = "cpu"
     split = build_split(tables.interactions, item_ids)
     text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
-                        row_widths(specs))
+                        row_widths(specs), tower_layers(cfg, specs))
     model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
     return cfg, model.to(device).eval(), split
 
 
 def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", top_k: int = 10) -> dict[str, Any]:
     """Score a saved checkpoint on valid and test: every size, all / cold / warm targets.
 
+    Full ranking over all items for every user with a target, under the exclusion and
+    repeat-target rules of ``eval_cfg`` (None: the run's own). Writes
+    ``metrics-<exclude>-<repeat_target>.json`` (:func:`pipeline.train_runs.metrics_file`)
+    and ``per_user-<exclude>-<repeat_target>.csv`` (each user's target, its rank and the
+    ``top_k`` best items, in the original ids); ``metrics.json`` only when the rules are
+    the run's own, so evaluating under another rule never overwrites the training-time
+    metrics.
+
     Returns:
-        {"name", "exclude", "valid": metrics, "test": metrics (largest size, all users, as
-         :func:`pipeline.evaluate.evaluate`), "sizes", "cold_threshold",
-         "by_size": {size: {"valid" | "test": {"all" | "cold" | "warm": metrics}}}};
-        also written to ``metrics.json``.
+        {"name", "exclude", "repeat_target", "valid": metrics, "test": metrics (largest
+         size, all users, as :func:`pipeline.evaluate.evaluate`), "repeat_targets": {"valid",
+         "test": number of targets also in the excluded history}, "sizes",
+         "cold_threshold", "by_size": {size: {"valid" | "test": {"all" | "cold" | "warm":
+         metrics}}}}.
     """
     cfg, model, split = load_checkpoint(Path(run_dir), device)
+    own = cfg.eval
     if eval_cfg is not None:
         cfg = cfg.model_copy(update={"eval": eval_cfg})
     ecfg = cfg.eval.model_copy(update={"max_len": cfg.max_len})
@@ -617,17 +756,33 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
     score = score_fn_for(model)
     sizes = cfg.all_sizes if cfg.seq_model != "vbpr" else (2 * cfg.vbpr_factors,)
     by_size: dict[str, dict[str, Any]] = {str(s): {} for s in sizes}
+    item_keys, user_keys = key_maps(read_tables(cfg.tables_dir))
+    label = metrics_file(ecfg.exclude, ecfg.repeat_target)[len("metrics-"):-len(".json")]
+    per_user = Path(run_dir) / f"per_user-{label}.csv"
+    per_user.unlink(missing_ok=True)
+    repeats: dict[str, int] = {}
+    users = split.user_ids[[u for u, s in enumerate(split.sequences) if len(s) >= 3]]
     for stage in ("valid", "test"):
-        ranks, targets = rank_examples(score, split, stage, ecfg, device)
+        tops: list[torch.Tensor] = []
+        ranks, targets = rank_examples(score, split, stage, ecfg, device, tops=tops,
+                                       top_k=top_k)
+        hist, _ = split.examples(stage)
+        repeats[stage] = int(repeat_targets(hist, targets, ecfg.exclude, ecfg.max_len).sum())
         for s, r in zip(sizes, ranks):
             by_size[str(s)][stage] = breakdown(r, targets, counts, cfg.cold_threshold, ecfg.ks)
+        write_per_user(per_user, stage, users, targets, ranks[-1], torch.cat(tops),
+                       split.item_ids, item_keys, user_keys)
     top = by_size[str(sizes[-1])]
-    out = {"name": cfg.name, "exclude": ecfg.exclude, "valid": top["valid"]["all"],
-           "test": top["test"]["all"], "sizes": list(sizes), "cold_threshold": cfg.cold_threshold,
-           "by_size": by_size}
-    (Path(run_dir) / "metrics.json").write_text(json.dumps(out, indent=2))
-    log.info("%s evaluated (exclude %s): valid NDCG@10 %.4f, test NDCG@10 %.4f HR@10 %.4f",
-             cfg.name, ecfg.exclude, out["valid"].get("NDCG@10", float("nan")),
+    out = {"name": cfg.name, "exclude": ecfg.exclude, "repeat_target": ecfg.repeat_target,
+           "valid": top["valid"]["all"], "test": top["test"]["all"], "repeat_targets": repeats,
+           "sizes": list(sizes), "cold_threshold": cfg.cold_threshold, "by_size": by_size}
+    text = json.dumps(out, indent=2)
+    (Path(run_dir) / metrics_file(ecfg.exclude, ecfg.repeat_target)).write_text(text)
+    if ecfg.model_dump(exclude={"max_len"}) == own.model_dump(exclude={"max_len"}):
+        (Path(run_dir) / "metrics.json").write_text(text)
+    log.info("%s evaluated (exclude %s, repeat targets %s: %d valid / %d test): valid NDCG@10 "
+             "%.4f, test NDCG@10 %.4f HR@10 %.4f", cfg.name, ecfg.exclude, ecfg.repeat_target,
+             repeats["valid"], repeats["test"], out["valid"].get("NDCG@10", float("nan")),
              out["test"].get("NDCG@10", float("nan")), out["test"].get("HR@10", float("nan")))
     return out
 
@@ -638,4 +793,5 @@ def popularity(tables_dir: Path, eval_cfg: EvalConfig = EvalConfig()) -> dict[st
     split = build_split(tables.interactions, tables.items["item_id"].to_numpy())
     fn = popularity_score_fn(split)
     return {"name": "popularity", "valid": evaluate(fn, split, "valid", eval_cfg),
-            "test": evaluate(fn, split, "test", eval_cfg), "exclude": eval_cfg.exclude}
+            "test": evaluate(fn, split, "test", eval_cfg), "exclude": eval_cfg.exclude,
+            "repeat_target": eval_cfg.repeat_target}

@@ -2,8 +2,11 @@
 
     python -m stores describe PATH [--verify] [--json]
         provenance, shape, completion, bytes per layer / item / on disk of a store
-        (a path or an fsspec URL). Exit status 0 complete, 3 half written, 4 corrupt
-        (with --verify), 2 not a store.
+        (a path or an fsspec URL). Every call checks each done shard's file for presence
+        and size (no data read) and the metadata; ``--verify`` also re-reads every shard.
+        Exit status 0 complete, 3 half written, 4 damaged or corrupt (a missing / wrong-size
+        shard file, damaged metadata or item ids, or a digest mismatch with --verify),
+        2 not a store.
 
     python -m stores estimate --items N (--layers K --dim D | --widths W1,W2,...)
                               [--dtype float16] [--tokens T] [--items-per-shard S]
@@ -23,7 +26,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from mmcache.errors import ConfigError, StoreError
+from mmcache.errors import ConfigError, StoreCorruptError, StoreError
 from stores.hidden_states import HiddenStateStore, estimate_bytes
 
 
@@ -152,14 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "describe":
         try:
             st = HiddenStateStore.open(args.path, require_complete=False)
+            desc = st.describe()
+        except StoreCorruptError as exc:  # damaged metadata or item ids: named, exit 4
+            print(f"error: {exc}", file=sys.stderr)
+            return 4
         except StoreError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        desc = st.describe()
         corrupt = st.verify() if args.verify else None
+        if desc["damaged_shards"]:
+            corrupt = sorted(set(corrupt or []) | set(desc["damaged_shards"]))
         if args.json:
-            print(json.dumps({**desc, **({"corrupt_shards": corrupt} if args.verify else {})},
-                             indent=2, default=str))
+            print(json.dumps({**desc, **({"corrupt_shards": corrupt} if corrupt is not None
+                                         else {})}, indent=2, default=str))
         else:
             print(describe_text(desc, corrupt))
         if corrupt:

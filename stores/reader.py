@@ -16,8 +16,11 @@ Stage 2 needs, for every step, the vectors of thousands of items. Two ways to se
 
 Checks before a direct read: the shard index's crc32c, every inner chunk present at the
 offset and length the row order implies, the file long enough. A failed check falls back to
-zarr, which raises on a truly broken shard. Digests are not recomputed on reads (that is
-``HiddenStateStore.verify``).
+zarr. **Every read is verified**: each shard served is checked whole against its recorded
+XXH3 checksum (``stores.integrity``; the blake2b digest for stores written before
+checksums), on the direct path and through zarr alike, and a mismatch, a missing, truncated
+or undecodable file raises :class:`StoreCorruptError` naming the store, the shard and the
+file. ``verify=False`` (``HiddenStateReader``) skips it, for benchmarks only.
 
 Layers of different widths (``StoreSpec.layer_widths``, e.g. a CNN's stages) are returned
 as stored: every layer zero-padded to ``D`` = the widest; :attr:`HiddenStateReader.layer_widths`
@@ -28,300 +31,22 @@ gives the real widths and :func:`split_layers` per-layer views at those widths.
 
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import queue
-import sys
 import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from mmcache.errors import ConfigError, StoreError, StoreIncompleteError
-from stores.hidden_states import HiddenStateStore, StoreSpec, _is_local, _local_path
+from mmcache.errors import ConfigError, StoreIncompleteError
+from stores.hidden_states import HiddenStateStore, StoreSpec
+# the shard reads live in their own module; re-exported here (tests and callers use them)
+from stores.shard_reads import (_MADVICE, _STATS_LOCK, _THREADS_FROM_BYTES, _Group,  # noqa: F401
+                                _ShardFiles, _default_threads, _fill_group, _plan, read_rows)
 
 if TYPE_CHECKING:
     import torch
-    import xarray as xr
-
-_MAX_U64 = np.uint64(2**64 - 1)
-_THREADS_FROM_BYTES = 256 << 20  # loads at least this big read shards with several threads
-# madvise hints for shard maps: MADV_HUGEPAGE, MADV_POPULATE_READ (22, Linux >= 5.14)
-_MADVICE = tuple(a for a in (getattr(mmap, "MADV_HUGEPAGE", None),
-                             getattr(mmap, "MADV_POPULATE_READ",
-                                     22 if sys.platform.startswith("linux") else None))
-                 if a is not None)
-
-
-class StoreIncompleteWarning(UserWarning):
-    """Warned by :func:`open_dataset` when a store is half written."""
-
-
-# ------------------------------------------------------------------------------ shard files
-class _ShardFiles:
-    """Reads rows of ``hidden_states`` shard by shard: directly from the file when possible."""
-
-    def __init__(self, store: HiddenStateStore) -> None:
-        self.store = store
-        self.ips = store.items_per_shard
-        self.ipc = int(store.layout["items_per_chunk"])
-        self.row_shape = tuple(store.shape[1:])
-        self.dtype = np.dtype(store.layout["physical_dtype"])
-        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        self.direct = self._direct_ok()
-        self.stats = {"direct_shards": 0, "zarr_shards": 0}
-        self._arr = None
-
-    @property
-    def arr(self):
-        if self._arr is None:
-            self._arr = self.store.group["hidden_states"]
-        return self._arr
-
-    def _direct_ok(self) -> bool:
-        if not _is_local(self.store.path) or sys.byteorder != "little":
-            return False
-        try:
-            md = json.loads((_local_path(self.store.path) / "hidden_states" / "zarr.json")
-                            .read_text())
-        except (OSError, ValueError):
-            return False
-        codecs = md.get("codecs", [])
-        if (len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed"
-                or np.dtype(md.get("data_type", "?")) != self.dtype
-                or list(md.get("shape", []))[1:] != list(self.row_shape)):
-            return False
-        conf = codecs[0]["configuration"]
-        inner = conf.get("codecs", [])
-        idx = conf.get("index_codecs", [])
-        enc = md.get("chunk_key_encoding", {})
-        shard_shape = md.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-        return (len(inner) == 1 and inner[0].get("name") == "bytes"
-                and (inner[0].get("configuration") or {}).get("endian", "little") == "little"
-                and [c.get("name") for c in idx] == ["bytes", "crc32c"]
-                and conf.get("index_location", "end") == "end"
-                and list(conf.get("chunk_shape", []))[1:] == list(self.row_shape)
-                and int(conf["chunk_shape"][0]) == self.ipc
-                and shard_shape is not None and int(shard_shape[0]) == self.ips
-                and list(shard_shape)[1:] == list(self.row_shape)
-                and enc.get("name") == "default"
-                and (enc.get("configuration") or {}).get("separator", "/") == "/")
-
-    def file(self, shard: int) -> str:
-        return (f"{_local_path(self.store.path)}/hidden_states/c/{shard}/"
-                + "/".join(["0"] * len(self.row_shape)))
-
-    def read(self, shard: int, r0: int, r1: int, dest: np.ndarray) -> None:
-        """Fill ``dest`` ((r1 - r0, *row_shape), store dtype, C-contiguous) with rows [r0, r1).
-
-        Thread-safe: shards may be read by several threads at once.
-        """
-        if self.direct and dest.flags.c_contiguous and self._read_direct(shard, r0, r1, dest):
-            with _STATS_LOCK:
-                self.stats["direct_shards"] += 1
-            return
-        dest[...] = np.asarray(self.arr[r0:r1])
-        with _STATS_LOCK:
-            self.stats["zarr_shards"] += 1
-
-    def _read_direct(self, shard: int, r0: int, r1: int, dest: np.ndarray) -> bool:
-        """Copy rows [r0, r1) of a shard file into ``dest`` through a read-only memory map,
-        after the checks: the file size, the shard index's crc32c, every inner chunk at the
-        offset and length the row order implies. False (the caller then reads through zarr)
-        when a check fails.
-
-        The map is advised ``MADV_HUGEPAGE`` then ``MADV_POPULATE_READ`` (Linux): a cold file
-        is read ahead in huge folios and mapped at once, so the copy runs at memcpy speed and
-        later reads of the same file are as fast (on this project's machine: cold loads ~1.5x
-        faster than ``read``, warm ones on par with ``numpy.load``; see benchmarks/README.md).
-
-        Writers replace shard files by rename, never in place, so a mapped file does not
-        shrink under the reader (only outside tampering could truncate it meanwhile).
-        """
-        import google_crc32c
-        start = shard * self.ips
-        n_chunks = self.ips // self.ipc
-        chunk_bytes = self.ipc * self.row_bytes
-        index_bytes = 16 * n_chunks + 4
-        rows_in_shard = min(self.ips, self.store.num_items - start)
-        present = -(-rows_in_shard // self.ipc)
-        data_end = present * chunk_bytes               # the index starts here
-        off = (r0 - start) * self.row_bytes
-        todo = (r1 - r0) * self.row_bytes
-        try:
-            fd = os.open(self.file(shard), os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            if os.fstat(fd).st_size != data_end + index_bytes:
-                return False
-            m = mmap.mmap(fd, data_end + index_bytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
-        except (OSError, ValueError):
-            return False
-        finally:
-            os.close(fd)
-        for advice in _MADVICE:  # best effort: huge folios, then fault everything in at once
-            try:
-                m.madvise(advice)
-            except (OSError, ValueError):
-                pass
-        try:
-            idx = m[data_end:]
-            if np.frombuffer(idx[-4:], "<u4")[0] != np.uint32(google_crc32c.value(idx[:-4])):
-                return False
-            index = np.frombuffer(idx[:-4], "<u8").reshape(n_chunks, 2)
-            want = np.arange(present, dtype=np.uint64) * np.uint64(chunk_bytes)
-            if not (np.array_equal(index[:present, 0], want)
-                    and (index[:present, 1] == np.uint64(chunk_bytes)).all()):
-                return False
-            src = np.frombuffer(m, np.uint8, count=todo, offset=off)
-            try:
-                np.copyto(dest.reshape(-1).view(np.uint8), src)
-            finally:
-                del src
-            return True
-        finally:
-            m.close()
-
-
-_STATS_LOCK = threading.Lock()
-
-
-class _Group:
-    """The requested rows of one shard: store rows ``loc`` (ascending) -> output rows ``dst``.
-
-    A contiguous group (consecutive store rows to consecutive output rows) is kept as
-    ``r0, r1, d0`` only; ``loc`` / ``dst`` are then built on demand.
-    """
-
-    __slots__ = ("shard", "r0", "r1", "d0", "contiguous", "_loc", "_dst")
-
-    def __init__(self, shard: int, loc: np.ndarray | None = None, dst: np.ndarray | None = None,
-                 *, r0: int = 0, r1: int = 0, d0: int = 0) -> None:
-        self.shard = shard
-        if loc is None:
-            self.r0, self.r1, self.d0, self.contiguous = r0, r1, d0, True
-            self._loc = self._dst = None
-            return
-        n = len(loc)
-        self.r0, self.r1, self.d0 = int(loc[0]), int(loc[-1]) + 1, int(dst[0])
-        self.contiguous = bool(self.r1 - self.r0 == n and int(dst[-1]) - self.d0 == n - 1
-                               and (np.diff(dst) == 1).all())
-        self._loc, self._dst = loc, dst
-
-    @property
-    def n(self) -> int:
-        return self.r1 - self.r0 if self._loc is None else len(self._loc)
-
-    @property
-    def loc(self) -> np.ndarray:
-        if self._loc is None:
-            self._loc = np.arange(self.r0, self.r1, dtype=np.int64)
-        return self._loc
-
-    @property
-    def dst(self) -> np.ndarray:
-        if self._dst is None:
-            self._dst = np.arange(self.d0, self.d0 + self.n, dtype=np.int64)
-        return self._dst
-
-
-def _plan(rows: np.ndarray, ips: int) -> list[_Group]:
-    """Group requested store rows by shard: [(shard, store rows ascending, output positions)]."""
-    rows = np.asarray(rows, np.int64)
-    n = len(rows)
-    if n and rows[0] == 0 and rows[-1] == n - 1 and (np.diff(rows) == 1).all():  # every row
-        return [_Group(s, r0=s * ips, r1=min((s + 1) * ips, n), d0=s * ips)
-                for s in range(-(-n // ips))]
-    order = np.argsort(rows, kind="stable")
-    srt = rows[order]
-    shards = srt // ips
-    cuts = np.flatnonzero(np.diff(shards)) + 1
-    out = []
-    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(srt)]):
-        if b > a:
-            out.append(_Group(int(shards[a]), srt[a:b], order[a:b]))
-    return out
-
-
-def _fill_group(files: _ShardFiles, g: _Group, pos: list[int], out: np.ndarray,
-                scratch: np.ndarray | None, out_row0: int | None = None) -> np.ndarray | None:
-    """Write group ``g``'s rows (layers ``pos``) into ``out`` (at ``g.dst``, or from row
-    ``out_row0`` when given); returns the scratch buffer used."""
-    all_layers = len(pos) == files.row_shape[0] and pos == list(range(files.row_shape[0]))
-    r0, r1 = g.r0, g.r1
-    d0 = g.d0 if out_row0 is None else out_row0
-    if g.contiguous and all_layers and out.dtype == files.dtype:
-        files.read(g.shard, r0, r1, out[d0:d0 + (r1 - r0)])
-        return scratch
-    if scratch is None or scratch.shape[0] < r1 - r0:
-        scratch = np.empty((max(files.ips, r1 - r0), *files.row_shape), files.dtype)
-    buf = scratch[: r1 - r0]
-    files.read(g.shard, r0, r1, buf)
-    sel = buf if g.contiguous else buf[g.loc - r0]
-    if not all_layers:
-        sel = sel[:, pos]
-    if g.contiguous or out_row0 is not None:
-        out[d0:d0 + g.n] = sel
-    else:
-        out[g.dst] = sel
-    return scratch
-
-
-def read_rows(store: HiddenStateStore, rows: np.ndarray, layer_pos: Sequence[int] | None = None,
-              out: np.ndarray | None = None, *, threads: int | None = None,
-              _files: _ShardFiles | None = None, _groups: list | None = None) -> np.ndarray:
-    """Rows ``rows`` (any order) and layer positions ``layer_pos`` of a store, as numpy.
-
-    Args:
-        rows: (M,) row positions (``store.rows_for(item_ids)`` aligns a catalogue).
-        layer_pos: positions along ``layer`` (``store.layer_positions(layers)``); None = all.
-        out: optional preallocated (M, K', ...) array in the store's physical dtype.
-        threads: shard files read at once on the direct path (default: min(4, CPUs) for
-            outputs of 256 MiB or more, else 1); reads release the GIL, so copies out of the
-            page cache run in parallel.
-    Returns:
-        (M, K', D) or (M, K', T, D) in the physical dtype (uint16 bit patterns for bfloat16).
-        Memory: the output plus, unless every row range is contiguous with all layers, one
-        shard of scratch (items_per_shard * K * D * itemsize bytes) per reading thread.
-    """
-    files = _files or _ShardFiles(store)
-    pos = list(range(files.row_shape[0])) if layer_pos is None else list(layer_pos)
-    rows = np.asarray(rows, np.int64)
-    shape = (len(rows), len(pos), *files.row_shape[1:])
-    if out is None:
-        out = np.empty(shape, files.dtype)
-    elif out.shape != shape or out.dtype != files.dtype:
-        raise StoreError(f"read_rows: out {out.shape} {out.dtype} != {shape} {files.dtype}",
-                         store=store.path)
-    groups = _groups if _groups is not None else _plan(rows, files.ips)
-    if threads is None:  # threads pay off for large loads only (start-up ~0.1 ms each)
-        threads = _default_threads() if out.nbytes >= _THREADS_FROM_BYTES else 1
-    workers = max(1, min(threads, len(groups)))
-    if workers == 1 or not files.direct:
-        scratch = None
-        for g in groups:
-            scratch = _fill_group(files, g, pos, out, scratch)
-        return out
-    local = threading.local()
-
-    def one(g: _Group) -> None:
-        local.scratch = _fill_group(files, g, pos, out, getattr(local, "scratch", None))
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="hidden-state-read") as ex:
-        for f in [ex.submit(one, g) for g in groups]:
-            f.result()
-    return out
-
-
-def _default_threads() -> int:
-    """Threads for direct shard reads: page-cache copies scale with cores, up to 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else (os.cpu_count() or 1)))
 
 
 # ------------------------------------------------------------------------------ the reader
@@ -415,6 +140,8 @@ class HiddenStateReader:
         dtype: output dtype (``torch.float16`` ...); default the store's logical dtype
             (bfloat16 stores give ``torch.bfloat16``, bit-exact).
         expected: a request the store must answer (as ``HiddenStateStore.open``).
+        verify: check every shard served against its recorded checksum (default; see the
+            module docstring). False is for benchmarks only.
 
     Widths: outputs are (N', K', D) with D the store's ``hidden_dim``; in a store with mixed
     layer widths, layer ``k`` is real at dims ``< layer_widths[k]`` and zero beyond
@@ -435,13 +162,15 @@ class HiddenStateReader:
         StoreIncompleteError / StoreMismatchError / StoreNotFoundError: as ``open``.
         UnknownItemError: an id of ``item_ids`` is not stored.
         ConfigError: ``pin_memory`` or a CUDA device without CUDA.
+        StoreCorruptError: from :meth:`load` / :meth:`iter_shards`, a shard whose bytes do
+            not match its checksum (names the store, the shard and the file).
     """
 
     def __init__(self, store: HiddenStateStore | str | os.PathLike, *,
                  layers: Sequence[int] | None = None, item_ids: Sequence[int] | None = None,
                  memory_budget_bytes: int | None = None, device: str = "cpu",
                  pin_memory: bool = False, dtype: Any = None, expected: StoreSpec | None = None,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, verify: bool = True) -> None:
         import torch
         if not isinstance(store, HiddenStateStore):  # open() refuses a half-written store
             store = HiddenStateStore.open(store, expected=expected,
@@ -464,7 +193,7 @@ class HiddenStateReader:
         self._item_ids = None if item_ids is None else np.asarray(item_ids, np.int64)
         self.rows = (store.rows_for(item_ids) if item_ids is not None
                      else np.arange(store.num_items, dtype=np.int64))
-        self.files = _ShardFiles(store)
+        self.files = _ShardFiles(store, verify=verify)
         self.physical = self.files.dtype
         self.logical = _torch_dtype(store.spec.dtype)
         self.dtype = dtype if dtype is not None else self.logical
@@ -696,79 +425,9 @@ def load_hidden_states(store: str | os.PathLike | HiddenStateStore,
 
 
 # ------------------------------------------------------------------------------ xarray
-def open_dataset(path: str | os.PathLike, *, storage_options: dict | None = None,
-                 decode_bfloat16: bool = True) -> "xr.Dataset":
-    """A store as a lazy ``xarray.Dataset`` backed by dask, one dask chunk per shard.
-
-    Contents:
-        ``hidden_states`` (item, layer, dim) or (item, layer, token, dim): the values
-        (float16; bfloat16 stores are decoded to float32 exactly unless ``decode_bfloat16``
-        is False); ``attention_mask`` (item, token) with token states; coordinates
-        ``item_id`` (item), ``layer_index`` (layer) (both indexed: ``ds.sel(item_id=[...],
-        layer_index=[4, 6])``), ``layer_width`` (layer, int32: the real width of each layer,
-        ``hidden_dim`` in uniform stores; dims beyond it are zero padding), ``shard`` (item)
-        and ``written`` (item, bool: the row's shard is done). Attributes: the provenance
-        (every spec field, ``versions``, ``layout``, ``history`` as JSON strings;
-        ``layer_widths`` is the JSON list of real widths, for old stores too), ``store``,
-        ``complete``, ``pending_shards``.
-
-    A half-written store opens with ``attrs["complete"] = False``, its pending shards in
-    ``attrs["pending_shards"]``, rows of pending shards ``written == False`` (their values are
-    the fill value 0 or stale) and a :class:`StoreIncompleteWarning`.
-
-    Memory: nothing is read until computed; a computation holds one shard per dask task
-    (items_per_shard * K * D * itemsize bytes).
-
-    Raises:
-        StoreNotFoundError, StoreMismatchError (format version).
-    """
-    import dask.array as da
-    import xarray as xr
-
-    st = HiddenStateStore.open(path, require_complete=False, storage_options=storage_options)
-    n, ips = st.num_items, st.items_per_shard
-    arr = st.group["hidden_states"]
-    dims = list(arr.metadata.dimension_names)
-    done = st.done_mask()
-    digest = st._small("shard_digest")
-    token = json.dumps([str(path), n, done.tolist(), [int(d) for d in digest]])
-    import hashlib
-    name = "mmcache-" + hashlib.sha1(token.encode()).hexdigest()[:16]
-    x = da.from_array(arr, chunks=(ips, *arr.shape[1:]), name=name + "-hs", lock=False,
-                      asarray=True)[:n]
-    if st.spec.dtype == "bfloat16" and decode_bfloat16:
-        x = x.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32),
-                         dtype=np.float32)
-    shard_of_row = np.arange(n) // ips
-    data_vars = {"hidden_states": (dims, x, {"logical_dtype": st.spec.dtype})}
-    if "attention_mask" in st.group:
-        m = st.group["attention_mask"]
-        data_vars["attention_mask"] = (list(m.metadata.dimension_names),
-                                       da.from_array(m, chunks=(ips, m.shape[1]),
-                                                     name=name + "-mask", lock=False,
-                                                     asarray=True)[:n])
-    coords = {"item_id": ("item", st.item_ids),
-              "layer_index": ("layer", np.asarray(st.group["layer_index"][:])),
-              "layer_width": ("layer", np.asarray(st.layer_widths, np.int32)),
-              "shard": ("item", shard_of_row), "written": ("item", done[shard_of_row])}
-    pending = [int(s) for s in np.flatnonzero(~done)]
-    attrs: dict[str, Any] = {"store": str(path), "complete": int(not pending),
-                             "pending_shards": json.dumps(pending)}
-    for k, v in st.spec.model_dump(mode="json").items():
-        attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) or v is None else v
-    attrs["pretrained"] = int(st.spec.pretrained)
-    attrs["layer_widths"] = json.dumps(list(st.layer_widths))
-    attrs["versions"] = json.dumps(st.meta.get("versions", {}), sort_keys=True)
-    attrs["layout"] = json.dumps(st.layout, sort_keys=True)
-    attrs["history"] = json.dumps(st.meta.get("history", []))
-    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    ds = ds.set_xindex("item_id").set_xindex("layer_index")
-    if pending:
-        warnings.warn(f"store {path} is half written: {len(pending)} of {st.num_shards} shards "
-                      f"pending (first: {pending[:5]}); rows with written == False hold no "
-                      f"values", StoreIncompleteWarning, stacklevel=2)
-    return ds
-
+from stores.xarray_view import open_dataset  # noqa: E402 - re-exported (its own module)
 
 __all__ = ["HiddenStateReader", "ShardBlock", "load_hidden_states", "open_dataset",
            "read_rows", "split_layers", "StoreIncompleteWarning"]
+
+from stores.xarray_view import StoreIncompleteWarning  # noqa: E402 - re-exported

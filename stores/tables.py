@@ -13,6 +13,12 @@ A dataset directory holds exactly three files, each written atomically:
     the text encoder (see :func:`item_text`); ``image_path`` is absolute and
     ``image_sha256`` is the hex sha256 of the image file's bytes ("" when the item
     has no image).
+Optional key columns (the original ids of a generic ingest, ``pipeline.ingest_generic``):
+``user_key string`` in ``interactions.parquet`` and ``item_key string`` in
+``items.parquet``, the user's / item's id as it appears in the source (an ASIN, a hash, a
+MicroLens id) next to the dense int64 id the models use. Readers return them when
+present; :func:`key_maps` gives ``str(id)`` for tables without them.
+
 ``manifest.json``
     row counts, a content fingerprint per table, ``dataset_fingerprint`` and whatever
     provenance the writer passed (config, filter counts, source file digests).
@@ -50,6 +56,8 @@ ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.int64()), ("title", pa.string()), ("genres", pa.string()),
     ("tags", pa.string()), ("text", pa.string()), ("image_path", pa.string()),
     ("image_sha256", pa.string())])
+OPTIONAL_COLUMNS = {"interactions": ("user_key",), "items": ("item_key",)}
+"""Optional string columns kept next to the schemas' columns (original ids)."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +98,22 @@ def _check_columns(df: pd.DataFrame, schema: pa.Schema, where: Any) -> None:
             raise InputDataError(f"missing column {name!r}", path=where)
 
 
+def _optional(schema: pa.Schema) -> tuple[str, ...]:
+    return OPTIONAL_COLUMNS["items" if "title" in schema.names else "interactions"]
+
+
+def _with_optional(schema: pa.Schema, columns: Iterable[str]) -> pa.Schema:
+    """The schema plus the optional key columns among ``columns`` (string)."""
+    cols = set(columns)
+    return pa.schema(list(schema) + [pa.field(c, pa.string()) for c in _optional(schema)
+                                     if c in cols and c not in schema.names])
+
+
 def _conform(df: pd.DataFrame, schema: pa.Schema, where: Any) -> pd.DataFrame:
-    """Select the schema's columns, check for nulls and cast to the schema's types."""
+    """Select the schema's columns (plus optional key columns present), check for nulls
+    and cast to the schema's types."""
     _check_columns(df, schema, where)
+    schema = _with_optional(schema, df.columns)
     out = df[schema.names].reset_index(drop=True)
     for field in schema:
         col = out[field.name]
@@ -143,7 +164,16 @@ def interactions_fingerprint(df: pd.DataFrame) -> str:
     h = hashlib.sha256(f"interactions/v{FORMAT_VERSION}\n".encode())
     for name in ("user_id", "item_id", "timestamp"):
         h.update(np.ascontiguousarray(df[name].to_numpy(), dtype="<i8").tobytes())
+    if _keys_differ(df, "user_id", "user_key"):  # original user ids are content too
+        h.update(b"user_key\n" + "\n".join(df["user_key"]).encode())
     return h.hexdigest()
+
+
+def _keys_differ(df: pd.DataFrame, id_col: str, key_col: str) -> bool:
+    """Whether ``df`` has ``key_col`` and some key is not ``str(id)`` (then it is hashed;
+    tables whose keys are their ids hash as tables without keys)."""
+    return key_col in df.columns and \
+        bool((df[key_col].to_numpy() != df[id_col].astype(str).to_numpy()).any())
 
 
 def items_fingerprint(items_df: pd.DataFrame) -> str:
@@ -155,6 +185,12 @@ def items_fingerprint(items_df: pd.DataFrame) -> str:
     """
     df = _sorted_items(_conform(items_df, ITEMS_SCHEMA, "items DataFrame"))
     h = hashlib.sha256(f"items/v{FORMAT_VERSION}\n".encode())
+    if _keys_differ(df, "item_id", "item_key"):  # original item ids are content too
+        for item_id, key, text, sha in zip(df["item_id"], df["item_key"], df["text"],
+                                           df["image_sha256"]):
+            h.update(json.dumps([int(item_id), key, text, sha],
+                                ensure_ascii=False).encode() + b"\n")
+        return h.hexdigest()
     for item_id, text, sha in zip(df["item_id"], df["text"], df["image_sha256"]):
         h.update(json.dumps([int(item_id), text, sha], ensure_ascii=False).encode() + b"\n")
     return h.hexdigest()
@@ -214,6 +250,7 @@ def write_tables(out_dir: str | os.PathLike, interactions: pd.DataFrame, items: 
             "dataset_fingerprint": dataset_fingerprint(fp_inter, fp_items)}
     for df, schema, name in ((inter, INTERACTIONS_SCHEMA, INTERACTIONS_FILE),
                              (its, ITEMS_SCHEMA, ITEMS_FILE)):
+        schema = _with_optional(schema, df.columns)
         table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
         _atomic_write(root / name, lambda tmp, t=table: pq.write_table(t, tmp))
     text = json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n"
@@ -238,6 +275,7 @@ def _read_parquet(path: Path, schema: pa.Schema) -> pd.DataFrame:
                                         and field.type == pa.string()):
             raise InputDataError(f"column {field.name!r} has type {found}, expected {field.type}",
                                  path=path)
+    schema = _with_optional(schema, table.column_names)
     return _conform(table.select(schema.names).to_pandas(), schema, path)
 
 
@@ -245,7 +283,7 @@ def read_interactions(root: str | os.PathLike) -> pd.DataFrame:
     """Read ``interactions.parquet`` from a dataset directory (schema checked only).
 
     Returns columns ``user_id, item_id, timestamp`` (int64, timestamp in unix seconds)
-    in file order. Raises InputDataError naming the file and column when the file is
+    in file order, plus ``user_key`` (string) when the file has it. Raises InputDataError naming the file and column when the file is
     missing or unreadable, or a column is missing, null or of the wrong type.
     """
     return _read_parquet(Path(root) / INTERACTIONS_FILE, INTERACTIONS_SCHEMA)
@@ -254,7 +292,8 @@ def read_interactions(root: str | os.PathLike) -> pd.DataFrame:
 def read_items(root: str | os.PathLike) -> pd.DataFrame:
     """Read ``items.parquet`` from a dataset directory (schema checked only).
 
-    Returns the ``ITEMS_SCHEMA`` columns in file order. Raises InputDataError naming
+    Returns the ``ITEMS_SCHEMA`` columns in file order, plus ``item_key`` (string) when
+    the file has it. Raises InputDataError naming
     the file and column when the file is missing or unreadable, or a column is
     missing, null or of the wrong type.
     """
@@ -293,3 +332,17 @@ def read_tables(root: str | os.PathLike) -> Tables:
                 f"{name} content does not match the fingerprint in {MANIFEST_FILE}",
                 path=root / recorded[name].get("file", name))
     return Tables(interactions=inter, items=items, manifest=manifest, root=root)
+
+
+def key_maps(tables: Tables) -> tuple[dict[int, str], dict[int, str]]:
+    """(item id -> original item key, user id -> original user key) of a dataset.
+
+    Tables without key columns (MovieLens, tables written by hand) map every id to
+    ``str(id)``, so outputs can always be written in original ids.
+    """
+    items, inter = tables.items, tables.interactions
+    ikeys = items["item_key"] if "item_key" in items.columns else items["item_id"].astype(str)
+    users = inter.drop_duplicates("user_id")
+    ukeys = users["user_key"] if "user_key" in users.columns else users["user_id"].astype(str)
+    return (dict(zip(items["item_id"].astype(int), ikeys)),
+            dict(zip(users["user_id"].astype(int), ukeys)))

@@ -26,7 +26,9 @@ def cfg(tables: Path, stores: Path) -> CacheConfig:
 def test_resumed_run_equals_uninterrupted_run(small_tables, tmp_path):
     full = cfg(small_tables, tmp_path / "a")
     res = cache_all(full)
-    assert res["complete"] is False and res["items"] == HiddenStateStore.open(res["store"]).num_items
+    # the final result reports the store as it is after encoding (it said False before)
+    assert res["complete"] is True and res["pending"] == list(range(res["num_shards"]))
+    assert res["items"] == HiddenStateStore.open(res["store"]).num_items
     again = cache_all(full)
     assert again["skipped"] and again["items"] == 0  # a complete store means no work
 
@@ -66,4 +68,9 @@ def test_stored_provenance(small_tables, tmp_path):
         ("mean", 30, (0, 2, 4, 6), 6, 384)
     assert s.pretrained and s.model_id.endswith("model") and len(s.weights_fingerprint) == 64
     assert {"torch", "transformers", "zarr"} <= set(st.meta["versions"])
-    assert (Path(res["store"]) / "cache_config.json").exists()
+    # stage 1's records live in the sidecar folder, not in the Zarr group
+    assert (Path(res["store"] + ".stage1") / "cache_config.json").exists()
+    assert (Path(res["store"] + ".stage1") / "encoder.json").exists()
+    assert not (Path(res["store"]) / "cache_config.json").exists()
+    assert s.encode_settings == {"batch_size": 64, "compute_dtype": "float32",
+                                 "token_budget": 0, "padding_side": "tokenizer"}

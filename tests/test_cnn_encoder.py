@@ -146,7 +146,7 @@ def test_cached_rows_equal_pooled_stage_outputs_of_a_full_forward(small_tables, 
     # the head row is the classifier's input: it gives the model's own logits
     head = torch.from_numpy(got[:10, -1]).float()
     np.testing.assert_allclose(model.classifier(head).numpy(), logits.numpy(), atol=0.05)
-    enc = json.loads((st._root() / "stage1" / "encoder.json").read_text())
+    enc = json.loads((st._root().with_name(st._root().name + ".stage1") / "encoder.json").read_text())
     assert enc["architecture"]["preprocessing"]["std"] == [0.5, 0.5, 0.5]
     assert enc["architecture"]["licence"] == "Apache-2.0"
     assert "stem output" in enc["hidden_states"]

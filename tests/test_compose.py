@@ -3,11 +3,11 @@
 No Docker engine runs here, so the compose file is checked (1) against the Compose JSON
 schema vendored in ``tests/schemas/`` (compose-spec/compose-spec, Apache 2.0; see its
 README), (2) for the stack's required shape (PostgreSQL with a health check, the Prefect
-server on it, a GPU worker built from the Dockerfile that stops on SIGINT, volumes for the
+server on it, a health-checked GPU worker built from the Dockerfile, volumes for the
 stores and the model cache, a Dask scheduler and a GPU Dask worker), and (3) against the
 native end-to-end test: every service command and every environment variable of the
-compose file is one that ``tests/test_deploy.py`` runs or sets, or is listed there as
-not native with a reason.
+compose file is one that ``tests/test_deploy.py`` (``tests/deploy_stack.py``) runs or sets,
+or is listed there as not native with a reason.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.test_deploy import (BIN, COMPOSE_FILE, NATIVE_SERVICES, NOT_NATIVE_ENV, ONE_SHOT,
+from tests.deploy_stack import (BIN, COMPOSE_FILE, NATIVE_SERVICES, NOT_NATIVE_ENV, ONE_SHOT,
                                ROOT, Localizer, compose_command, compose_env,
                                compose_services)
 
@@ -75,12 +75,27 @@ def test_stack_shape():
     url = compose_env("prefect-server")["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert url == (f"postgresql+asyncpg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}"
                    f"@postgres:5432/{env['POSTGRES_DB']}")
-    assert server["image"].startswith("prefecthq/prefect:3.8.8-")
+    # the same Prefect as pyproject.toml and prefect.yaml
+    import tomllib
+    pin = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "dependencies"] if d.startswith("prefect==")]
+    version = pin[0].split("==")[1]
+    assert server["image"].startswith(f"prefecthq/prefect:{version}-")
+    assert yaml.safe_load((ROOT / "prefect.yaml").read_text())["prefect-version"] == version
+    assert f"prefect=={version}\n" in (ROOT / "constraints.txt").read_text()
     assert "healthcheck" in server
+    # the UI's API URL, overridable for browsers on other machines
+    assert compose_env("prefect-server")["PREFECT_UI_API_URL"] == "http://localhost:4200/api"
+    assert "${MMCACHE_PUBLIC_API_URL:-" in str(server["environment"]["PREFECT_UI_API_URL"])
 
     worker = s["worker"]
     assert worker["build"]["context"] == "." and worker["build"]["dockerfile"] == "Dockerfile"
-    assert worker["stop_signal"] == "SIGINT"
+    # no stop_signal: the worker treats SIGTERM as SIGINT; Docker SIGKILLs after the grace
+    assert "stop_signal" not in worker and worker["stop_grace_period"]
+    # the worker's own health endpoint (--with-healthcheck) is what compose checks
+    assert "--with-healthcheck" in compose_command("worker")
+    port = compose_env("worker")["PREFECT_WORKER_WEBSERVER_PORT"]
+    assert f"localhost:{port}/health" in " ".join(worker["healthcheck"]["test"])
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     mounts = dict(v.split(":")[::-1] for v in worker["volumes"])
@@ -97,6 +112,16 @@ def test_stack_shape():
     assert s["dask-worker"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] >= 1
     assert dw[2] == compose_env("worker")["MMCACHE_DASK_ADDRESS"]
     assert compose_command("dask-scheduler")[:2] == ["dask", "scheduler"]
+    # the dashboard exists (bokeh installed) and task log lines of the pipeline package reach
+    # the API from the Dask worker
+    import importlib.util
+    assert importlib.util.find_spec("bokeh") is not None
+    assert compose_env("dask-worker")["PREFECT_LOGGING_EXTRA_LOGGERS"] == "pipeline"
+    assert "flows._prefect_start" in dw
+    # setup writes the Variables the deployments' paths come from
+    setup = compose_command("setup")
+    assert setup[setup.index("--project-dir") + 1] == "/app"
+    assert setup[setup.index("--data-dir") + 1].startswith("/app/outputs/")
     # the same mounts where the shard tasks run, so that store paths mean the same
     assert sorted(s["dask-worker"]["volumes"]) == sorted(worker["volumes"])
 
@@ -118,6 +143,10 @@ def test_names_agree_with_prefect_yaml_and_the_setup_command():
     assert cmd and json.loads(cmd.group(1)) == worker
     for path in ("prefect.yaml", "flows", "pipeline", "stores", "models", "data"):
         assert re.search(rf"^COPY {re.escape(path)}\b", docker, re.M), path
+    # the image and `make` install the versions the tests ran with
+    assert re.search(r"^COPY .*\bconstraints\.txt\b", docker, re.M)
+    assert "pip install -c constraints.txt -e ." in docker
+    assert "pip install --quiet -c constraints.txt -e '.[test]'" in (ROOT / "Makefile").read_text()
 
 
 def test_every_command_and_variable_is_exercised_natively(tmp_path):

@@ -7,6 +7,9 @@ names to 127.0.0.1, fixed ports to free ones, container folders to temporary one
 service and variable of the compose file is covered (:data:`NATIVE_SERVICES`,
 :data:`NOT_NATIVE_ENV`).
 
+The stack machinery (compose -> native mapping, process control, REST helpers) is in
+``tests/deploy_stack.py``.
+
 The slow test group (``-m slow``, part of ``make test``) starts ``prefect server start`` on a
 free port with its default SQLite database in a temporary ``PREFECT_HOME``, runs
 ``python flows/stack.py setup`` and ``prefect --no-prompt deploy --all``, starts a Dask
@@ -20,17 +23,12 @@ growth. Every process started carries a marker in its environment; teardown stop
 from __future__ import annotations
 
 import atexit
-import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,290 +37,9 @@ import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-PREFECT_FILE = ROOT / "prefect.yaml"
-BIN = Path(sys.executable).parent
-
-# compose services this test starts natively, in start order (postgres is replaced by the
-# server's default SQLite database)
-NATIVE_SERVICES = ("prefect-server", "setup", "deploy", "dask-scheduler", "dask-worker",
-                   "worker")
-ONE_SHOT = ("setup", "deploy")
-# compose variables the native stack does not set, and why
-NOT_NATIVE_ENV = {
-    "PREFECT_API_DATABASE_CONNECTION_URL": "the native server uses its default SQLite database",
-    "POSTGRES_USER": "no PostgreSQL natively",
-    "POSTGRES_PASSWORD": "no PostgreSQL natively",
-    "POSTGRES_DB": "no PostgreSQL natively",
-}
-# compose hosts, ports and container folders, and what they become natively
-COMPOSE_HOSTS = {"prefect-server": 4200, "dask-scheduler": 8786}
-COMPOSE_PORTS = {"4200": "api", "8786": "dask", ":8787": "dashboard"}
-COMPOSE_DIRS = {"/app/outputs": "outputs", "/models": "models"}
-MARKER = "MMCACHE_TEST_STACK"
-
-
-# ------------------------------------------------------------------------- compose -> native
-def compose_services() -> dict[str, dict[str, Any]]:
-    """The ``services`` mapping of docker-compose.yml (YAML anchors and merges resolved)."""
-    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-
-
-def compose_command(service: str) -> list[str]:
-    """A service's command as an argv list (string commands are split like a shell would)."""
-    cmd = compose_services()[service]["command"]
-    import shlex
-    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
-
-
-def compose_env(service: str) -> dict[str, str]:
-    """A service's ``environment`` as a dict of strings (list or mapping form)."""
-    env = compose_services()[service].get("environment") or {}
-    if isinstance(env, list):
-        env = dict(e.split("=", 1) for e in env)
-    return {k: "" if v is None else str(v) for k, v in env.items()}
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Localizer:
-    """Maps compose values to native ones: hosts, ports, folders and executables."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.ports = {"api": free_port(), "dask": free_port(), "dashboard": free_port()}
-        self.dirs = {k: tmp / v for k, v in COMPOSE_DIRS.items()}
-        for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['api']}/api"
-
-    def value(self, v: str) -> str:
-        """Localise one string (an argument or an environment value)."""
-        for host, port in COMPOSE_HOSTS.items():
-            name = "api" if port == 4200 else "dask"
-            v = v.replace(f"{host}:{port}", f"127.0.0.1:{self.ports[name]}")
-        for cdir, ndir in sorted(self.dirs.items(), key=lambda kv: -len(kv[0])):
-            if v == cdir or v.startswith(cdir + "/"):
-                v = str(ndir) + v[len(cdir):]
-        if v in COMPOSE_PORTS:
-            prefix = ":" if v.startswith(":") else ""
-            v = f"{prefix}{self.ports[COMPOSE_PORTS[v]]}"
-        return "127.0.0.1" if v == "0.0.0.0" else v
-
-    def command(self, service: str) -> list[str]:
-        """The native argv of a compose service."""
-        argv = [self.value(a) for a in compose_command(service)]
-        exe = {"prefect": BIN / "prefect", "dask": BIN / "dask", "python": Path(sys.executable)}
-        if argv[0] in exe:
-            argv[0] = str(exe[argv[0]])
-        return argv
-
-    def env(self, service: str) -> dict[str, str]:
-        """The native values of a compose service's environment (minus NOT_NATIVE_ENV)."""
-        return {k: self.value(v) for k, v in compose_env(service).items()
-                if k not in NOT_NATIVE_ENV}
-
-
-# ------------------------------------------------------------------------- process control
-class Stack:
-    """Processes started by this test, each in its own process group, all marked."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.loc = Localizer(tmp)
-        self.marker = uuid.uuid4().hex
-        self.logs = tmp / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.stopped = False
-        base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        base.update({
-            MARKER: self.marker,
-            "PREFECT_HOME": str(tmp / "prefect-home"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "results"),
-            # test-only speed-ups: poll fast, and no scheduler service creating the
-            # nightly runs (the schedules are still checked on the deployments)
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-        })
-        self.base_env = base
-
-    def env_for(self, service: str | None) -> dict[str, str]:
-        """Environment of a native service: the test's base plus the compose variables."""
-        env = dict(self.base_env)
-        if service is None:  # CLI calls made by the test itself
-            env["PREFECT_API_URL"] = self.loc.api_url
-        else:
-            env.update(self.loc.env(service))
-        return env
-
-    def start(self, service: str) -> subprocess.Popen:
-        """Start a long-running compose service natively; its output goes to logs/<name>.log."""
-        log = open(self.logs / f"{service}.log", "w")
-        p = subprocess.Popen(self.loc.command(service), cwd=ROOT, env=self.env_for(service),
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((service, p))
-        return p
-
-    def run(self, argv: list[str], service: str | None = None, timeout: float = 120,
-            check: bool = True) -> subprocess.CompletedProcess:
-        """Run a command to completion in its own process group; kill the group on timeout."""
-        p = subprocess.Popen(argv, cwd=ROOT, env=self.env_for(service), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        self.procs.append((service or argv[1], p))
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _killpg(p.pid, signal.SIGKILL)
-            out, _ = p.communicate()
-            raise AssertionError(f"{argv} timed out after {timeout} s:\n{out[-4000:]}")
-        res = subprocess.CompletedProcess(argv, p.returncode, out, "")
-        if check and p.returncode != 0:
-            raise AssertionError(f"{argv} failed ({p.returncode}):\n{out[-4000:]}\n"
-                                 f"{self.tail()}")
-        return res
-
-    def prefect(self, *args: str, timeout: float = 120, check: bool = True
-                ) -> subprocess.CompletedProcess:
-        """``prefect <args>`` against this stack's API."""
-        return self.run([str(BIN / "prefect"), *args], timeout=timeout, check=check)
-
-    def tail(self, n: int = 3000) -> str:
-        """The end of every service log (for failure messages)."""
-        parts = []
-        for f in sorted(self.logs.glob("*.log")):
-            parts.append(f"--- {f.name} ---\n{f.read_text(errors='replace')[-n:]}")
-        return "\n".join(parts)
-
-    def marked_processes(self) -> list[Any]:
-        """Live processes carrying this stack's marker (ours and their children)."""
-        import psutil
-        found = []
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if p.pid != os.getpid() and p.environ().get(MARKER) == self.marker:
-                    found.append(p)
-            except (psutil.Error, OSError):
-                continue
-        return found
-
-    def stop(self) -> list[str]:
-        """Stop everything: the workers first, then the scheduler and the server.
-
-        SIGINT to each process group (the worker's compose ``stop_signal``), up to 20 s of
-        grace per phase, then SIGKILL; finally any other process with the marker (flow-run
-        processes start their own sessions) is killed. Returns the processes still alive
-        after all that (the fixture asserts there are none).
-        """
-        if self.stopped:
-            return []
-        self.stopped = True
-        import psutil
-        servers = ("prefect-server", "dask-scheduler")
-        for phase in ([p for n, p in self.procs if n not in servers],
-                      [p for n, p in self.procs if n in servers]):
-            live = [p for p in phase if p.poll() is None]
-            for p in live:
-                _killpg(p.pid, signal.SIGINT)
-            deadline = time.monotonic() + 20
-            for p in live:
-                try:
-                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    _killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
-        for p in self.marked_processes():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        time.sleep(0.5)
-        return [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in self.marked_processes()]
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> float:
-    """Poll ``<url>/health`` until it answers; returns seconds waited.
-
-    Raises:
-        AssertionError: the process died or the API did not answer within ``timeout``.
-    """
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not healthy after {timeout} s")
-
-
-def api(stack: Stack, path: str, body: dict | None = None) -> Any:
-    """POST (or GET without ``body``) the stack's REST API; returns the decoded JSON."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{stack.loc.api_url}/{path}", data=data,
-                                 headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=20) as r:
-        return json.loads(r.read())
-
-
-def flow_runs(stack: Stack, ids: list[str]) -> list[dict]:
-    return api(stack, "flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
-
-
-def wait_final(stack: Stack, ids: list[str], timeout: float = 240) -> list[dict]:
-    """Poll until every flow run is in a final state; returns them in ``ids`` order."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        runs = {r["id"]: r for r in flow_runs(stack, ids)}
-        if len(runs) == len(ids) and all(
-                r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-                for r in runs.values()):
-            return [runs[i] for i in ids]
-        time.sleep(1.0)
-    raise AssertionError(f"flow runs {ids} not final after {timeout} s:\n{stack.tail()}")
-
-
-def run_id(output: str) -> str:
-    """The flow-run UUID printed by ``prefect deployment run``."""
-    m = re.search(r"UUID: ([0-9a-f-]{36})", output)
-    assert m, f"no flow run id in:\n{output}"
-    return m.group(1)
-
-
-def ts(s: str) -> datetime:
-    return datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
-def deploy_params(tables: Path, stores: Path, **extra: Any) -> list[str]:
-    """``-p key=value`` arguments of a cache deployment run."""
-    args = ["-p", f"tables_dir={tables}", "-p", f"store_dir={stores}", "-p", "items_per_shard=16"]
-    for k, v in extra.items():
-        args += ["-p", f"{k}={v}"]
-    return args
+from tests.deploy_stack import (BIN, ONE_SHOT, PREFECT_FILE, ROOT, Stack, _killpg, api,
+                                deploy_params, deployment_runs, flow_runs, run_id, ts,
+                                wait_final, wait_healthy)
 
 
 # ------------------------------------------------------------------------- the stack fixture
@@ -344,7 +61,10 @@ def stack(tmp_path_factory):
             st.run(st.loc.command(svc), service=svc, timeout=180)
             timings[f"{svc}_s"] = time.monotonic() - t
         st.start("dask-worker")
-        st.start("worker")
+        worker = st.start("worker")
+        # --with-healthcheck: the worker's /health answers once it polls the pool
+        timings["worker_healthy_s"] = wait_healthy(
+            f"http://127.0.0.1:{st.loc.ports['worker_health']}", worker)
         timings["stack_up_s"] = time.monotonic() - t0
         st.timings = timings
         yield st
@@ -352,6 +72,16 @@ def stack(tmp_path_factory):
         survivors = st.stop()
         print(f"\nstack timings: { {k: round(v, 1) for k, v in timings.items()} }")
         assert not survivors, f"processes left running: {survivors}"
+
+
+@pytest.fixture(scope="module")
+def default_data(stack, small_tables) -> Path:
+    """The data folder the deployments' Variables point at (``--data-dir`` of the setup
+    service, localised), with the 40-item slice tables in ``tables/``."""
+    data = Path(stack.loc.value("/app/outputs/demo"))
+    if not (data / "tables").exists():
+        shutil.copytree(small_tables, data / "tables")
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -368,11 +98,14 @@ def test_flow_signatures_match_parameter_models():
     from prefect.utilities.callables import parameter_schema
 
     from flows.cache_hidden_states import cache_hidden_states
-    from flows.params import CacheParams, EvaluateParams, PipelineParams, TrainParams
+    from flows.experiments import experiments_flow
+    from flows.params import (CacheParams, EvaluateParams, ExperimentsParams, PipelineParams,
+                              TrainParams)
     from flows.pipeline import pipeline
     from flows.train import evaluate_flow, train_flow
     for fl, model in ((cache_hidden_states, CacheParams), (train_flow, TrainParams),
-                      (evaluate_flow, EvaluateParams), (pipeline, PipelineParams)):
+                      (evaluate_flow, EvaluateParams), (pipeline, PipelineParams),
+                      (experiments_flow, ExperimentsParams)):
         schema = parameter_schema(fl).model_dump()["properties"]
         assert list(schema) == list(model.model_fields), fl.name  # same names, same order
         for name, prop in schema.items():
@@ -394,8 +127,26 @@ def test_prefect_yaml_declares_every_flow():
     assert entry["on-demand"] == "flows.train:evaluate_flow"
     assert entry["weekly"] == "flows.pipeline:pipeline"
     assert entry["grid"] == "flows.experiments:experiments_flow"
-    for n in ("nightly-text", "nightly-image", "nightly"):
+    for n in ("nightly-text", "nightly-image"):
         assert deps[n]["schedules"][0]["cron"] and deps[n]["work_pool"]["name"] == "mmcache"
+    # training is chained by events: both cache deployments' Completed runs, no clock
+    assert "schedules" not in deps["nightly"]
+    (trig,) = deps["nightly"]["triggers"]
+    assert trig["type"] == "compound" and trig["require"] == "all"
+    assert sorted(t["match_related"]["prefect.resource.name"] for t in trig["triggers"]) == \
+        ["nightly-image", "nightly-text"]
+    assert all(t["expect"] == ["prefect.flow-run.Completed"] for t in trig["triggers"])
+    # paths come from Prefect Variables, not from the deploying folder
+    from flows.stack import VARIABLES
+    (pull,) = cfg["pull"]
+    assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == \
+        "{{ prefect.variables.mmcache_project_dir }}"
+    text = PREFECT_FILE.read_text()
+    assert "outputs/demo" not in "".join(str(d.get("parameters")) for d in deps.values())
+    for v in re.findall(r"prefect\.variables\.(\w+)", text):
+        assert v in VARIABLES, v
+    for n in ("nightly-text", "nightly-image", "nightly", "grid", "weekly"):
+        assert deps[n]["concurrency_limit"]["limit"] == 1, n
     # every GPU deployment goes to the limited queue and carries the gpu tag
     for d in deps.values():
         gpu = "gpu" in d.get("tags", [])
@@ -534,6 +285,35 @@ def test_stack_deploys_every_deployment_with_limits(stack):
     assert queues["gpu"]["concurrency_limit"] == 1 and queues["cpu"]["concurrency_limit"] is None
     limit = api(stack, "concurrency_limits/tag/gpu")
     assert limit["concurrency_limit"] == 1
+    # paths come from the Variables that setup wrote (the localised --project-dir/--data-dir)
+    from flows.stack import VARIABLES, ZOMBIE_AUTOMATION
+    variables = {v["name"]: v["value"] for v in api(stack, "variables/filter", {})}
+    assert set(VARIABLES) <= set(variables)
+    data = stack.loc.value("/app/outputs/demo")
+    assert variables["mmcache_project_dir"] == str(ROOT)
+    text = deployed["nightly-text"]
+    assert text["parameters"]["tables_dir"] == f"{data}/tables"
+    assert text["parameters"]["store_dir"] == f"{data}/stores"
+    # the pull step keeps the template: the worker resolves it when a run starts (the runs
+    # below then run in this checkout, from the Variable)
+    assert text["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": "{{ prefect.variables.mmcache_project_dir }}"}}]
+    for d in declared:
+        if "concurrency_limit" in d:
+            got = deployed[d["name"]]
+            assert got["global_concurrency_limit"]["limit"] == 1, d["name"]
+            assert got["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # automations: the zombie-run one (setup) and the training trigger (deploy)
+    autos = {a["name"]: a for a in api(stack, "automations/filter", {})}
+    zombie = autos[ZOMBIE_AUTOMATION]
+    assert zombie["trigger"]["posture"] == "Proactive" and zombie["trigger"]["within"] == 45.0
+    assert zombie["trigger"]["after"] == ["prefect.flow-run.heartbeat"]
+    assert zombie["actions"][0]["type"] == "change-flow-run-state"
+    assert zombie["actions"][0]["state"] == "CRASHED"
+    train = autos["mmcache-train-after-caches"]
+    assert train["trigger"]["type"] == "compound" and train["trigger"]["require"] == "all"
+    assert train["actions"][0]["type"] == "run-deployment"
+    assert train["actions"][0]["deployment_id"] == deployed["nightly"]["id"]
     # a bad parameter is refused by the server before any run is created
     bad = stack.prefect("deployment", "run", "cache-hidden-states/nightly-text",
                         "-p", "items_per_shard=0", check=False)
@@ -639,3 +419,135 @@ def test_grown_catalogue_appends_only_new_items_through_deployment(stack, slice_
     arts = api(stack, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [rid]},
                                                          "type": {"any_": ["markdown"]}}})
     assert arts and "3 encoded this run" in arts[0]["data"], arts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_train_starts_on_both_cache_completions_not_after_a_failed_one(stack, default_data):
+    """``train/nightly`` has no schedule: its compound trigger starts it once both cache
+    deployments have completed a run; a failed cache run starts nothing."""
+    # runs the earlier tests' cache runs triggered (their stores are elsewhere) end first
+    earlier = [r["id"] for r in deployment_runs(stack, "nightly")]
+    if earlier:
+        wait_final(stack, earlier, timeout=600)
+
+    def new_train_runs() -> list[dict]:
+        return [r for r in deployment_runs(stack, "nightly") if r["id"] not in earlier]
+    shard = ["-p", "items_per_shard=16"]
+    text = stack.prefect("deployment", "run", "cache-hidden-states/nightly-text", *shard,
+                         "--watch", "--watch-timeout", "400", timeout=450)
+    # an image run that fails (a cluster class that does not exist: ConfigError, no retry)
+    bad = stack.prefect("deployment", "run", "cache-hidden-states/nightly-image", *shard,
+                        "-p", 'runner={"kind": "cluster", "cluster_class": "no_such.Cluster"}',
+                        "--watch", "--watch-timeout", "400", timeout=450, check=False)
+    t_ok, t_bad = wait_final(stack, [run_id(text.stdout), run_id(bad.stdout)])
+    assert (t_ok["state_type"], t_bad["state_type"]) == ("COMPLETED", "FAILED"), stack.tail()
+    time.sleep(20)  # reactive triggers act within seconds
+    assert new_train_runs() == [], "a failed cache run started training"
+
+    good = stack.prefect("deployment", "run", "cache-hidden-states/nightly-image", *shard,
+                         "--watch", "--watch-timeout", "400", timeout=450)
+    (img,) = wait_final(stack, [run_id(good.stdout)])
+    assert img["state_type"] == "COMPLETED"
+    t0 = time.monotonic()
+    while not new_train_runs() and time.monotonic() - t0 < 90:
+        time.sleep(1.0)
+    runs = new_train_runs()
+    assert len(runs) == 1, (runs, stack.tail())
+    created_after = ts(runs[0]["created"])
+    assert created_after >= ts(img["end_time"]) and created_after >= ts(t_ok["end_time"])
+    assert (runs[0].get("created_by") or {}).get("type") == "AUTOMATION", runs[0]
+    (train,) = wait_final(stack, [runs[0]["id"]], timeout=600)
+    assert train["state_type"] == "COMPLETED", stack.tail()
+    assert ts(train["start_time"]) >= ts(img["end_time"])
+    ckpt = Path(stack.loc.value("/app/outputs/demo")) / "checkpoints" / "iisan-text-image"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "metrics.json").is_file()
+    # its metrics as a table artifact (one row per split)
+    arts = api(stack, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [train["id"]]},
+                                                         "type": {"any_": ["table"]}}})
+    assert arts and "NDCG@10" in arts[0]["data"], arts
+    print(f"\ntrain created {(created_after - ts(img['end_time'])).total_seconds():.1f} s "
+          f"after the second cache completion")
+
+
+def _flow_run_processes(stack: Stack, flow_run_id: str) -> list[Any]:
+    """Live processes of one flow run (the worker starts them in their own session)."""
+    out = []
+    for p in stack.marked_processes():
+        try:
+            if p.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                out.append(p)
+        except Exception:  # noqa: BLE001 - the process ended meanwhile
+            continue
+    return out
+
+
+def _heartbeats(stack: Stack, flow_run_id: str) -> int:
+    page = api(stack, "events/filter", {"filter": {
+        "event": {"name": ["prefect.flow-run.heartbeat"]},
+        "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}, "limit": 50})
+    return len(page["events"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_worker_sigkill_during_a_gpu_run_crashes_it_and_frees_the_gpu_queue(stack,
+                                                                           default_data):
+    """The worker and its flow-run process die with SIGKILL (what ``docker compose stop``
+    does after ``stop_grace_period``, or a host crash) during a GPU run; the run's
+    heartbeats stop, the zombie-run automation marks it Crashed, the ``gpu`` queue's only
+    slot is freed and the next GPU run starts on the restarted worker."""
+    import psutil
+    kill = stack.tmp / "kill"
+    first = stack.prefect("deployment", "run", "cache-hidden-states/nightly-text",
+                          "-p", f"store_dir={kill}/stores-a", "-p", "items_per_shard=4")
+    second = stack.prefect("deployment", "run", "cache-hidden-states/nightly-image",
+                           "-p", f"store_dir={kill}/stores-b", "-p", "items_per_shard=16")
+    fid, sid = run_id(first.stdout), run_id(second.stdout)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:  # running, with a heartbeat sent
+        (f,) = flow_runs(stack, [fid])
+        if f["state_type"] == "RUNNING" and _heartbeats(stack, fid) and \
+                _flow_run_processes(stack, fid):
+            break
+        assert f["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), f
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"flow run {fid} never ran with a heartbeat:\n{stack.tail()}")
+    # SIGKILL the worker's process group and the flow run's processes
+    workers = [p for n, p in stack.procs if n == "worker" and p.poll() is None]
+    for w in workers:
+        _killpg(w.pid, signal.SIGKILL)
+    for p in _flow_run_processes(stack, fid):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    killed_at = datetime.now().astimezone()
+    for w in workers:
+        w.wait(timeout=10)
+    (f,) = flow_runs(stack, [fid])
+    assert f["state_type"] == "RUNNING", f  # nothing told the server
+    (s,) = flow_runs(stack, [sid])
+    assert s["state_type"] == "SCHEDULED", s  # the gpu queue's slot is held by the dead run
+    # the worker comes back (compose: restart unless-stopped); the dead run still holds
+    # the slot until the automation marks it Crashed
+    stack.start("worker", log_name="worker-restarted")
+    (f,) = wait_final(stack, [fid], timeout=300)
+    assert f["state_type"] == "CRASHED", f
+    assert "no heartbeat" in (f["state"].get("message") or ""), f["state"]
+    crashed_at = ts(f["state"]["timestamp"])
+    (s,) = wait_final(stack, [sid], timeout=400)
+    assert s["state_type"] == "COMPLETED", stack.tail()
+    assert ts(s["start_time"]) >= crashed_at, (s["start_time"], crashed_at)
+    # the pipeline package's shard lines, logged on the Dask worker, reached the API
+    # (PREFECT_LOGGING_EXTRA_LOGGERS=pipeline and --preload flows._prefect_start there)
+    subs = api(stack, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [sid]}}})
+    logs = api(stack, "logs/filter", {"logs": {"flow_run_id": {"any_": [x["id"] for x in subs]}},
+                                      "limit": 200})
+    shard_lines = [entry for entry in logs if entry["name"] == "pipeline.cache"
+                   and "encoded" in entry["message"] and entry.get("task_run_id")]
+    assert shard_lines, [(entry["name"], entry["message"][:80]) for entry in logs]
+    print(f"\nkilled run crashed {(crashed_at - killed_at).total_seconds():.1f} s after the "
+          f"SIGKILL; next GPU run started {(ts(s['start_time']) - crashed_at).total_seconds():.1f}"
+          f" s after that")

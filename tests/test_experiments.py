@@ -71,7 +71,7 @@ def test_experiments_flow_smoke_grid(small_tables, stores, tmp_path, monkeypatch
               text_store_all=str(stores["text_store_all"]),
               image_store_all=str(stores["image_store_all"]), seeds=[1, 2], max_epochs=1,
               patience=1, batch_size=32, mrl_sizes=[8, 16], short_len=4, train=TINY)
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine
         res = experiments_flow(**kw)
         cells = grid_cells(ExperimentConfig(grid="smoke", tables_dir=small_tables, out_dir=out,
                                             mrl_sizes=(8, 16)))
@@ -162,3 +162,58 @@ def test_finished_run_reuse_tolerates_new_default_fields(tmp_path):
     saved["no_longer_a_field"] = 1  # a config that no longer validates never matches
     (run / "config.json").write_text(json.dumps({"train": saved}))
     assert not _same_config(run, cfg)
+
+
+@pytest.mark.slow
+def test_experiment_runs_are_task_runs_in_worker_processes(small_tables, stores, tmp_path,
+                                                           monkeypatch):
+    """With workers=2 every (cell, seed) is a Prefect task run of the ``experiment-runs``
+    subflow on ProcessPoolTaskRunner: its own state and logs, run in another process; the
+    LoRA run starts after its base run; the metrics are a table artifact."""
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "results"))
+    import asyncio
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.experiments import experiments_flow
+    from pipeline.experiments import ExperimentConfig, grid_cells
+    out = tmp_path / "exp"
+    kw = dict(grid="smoke", tables_dir=str(small_tables), out_dir=str(out), store_dir=None,
+              text_store=str(stores["text_store"]), image_store=str(stores["image_store"]),
+              text_store_all=str(stores["text_store_all"]),
+              image_store_all=str(stores["image_store_all"]), seeds=[1], max_epochs=1,
+              patience=1, batch_size=32, mrl_sizes=[8], short_len=4, train=TINY, workers=2)
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine
+        experiments_flow(**kw)
+
+        async def read():
+            async with get_client() as c:
+                subs = await c.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    name={"like_": "runs-smoke"}))
+                runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id={"any_": [s.id for s in subs]}))
+                runs = [r for r in runs if r.name.startswith("run-")]
+                logs = await c.read_logs(log_filter=LogFilter(
+                    task_run_id={"any_": [r.id for r in runs]}))
+                arts = await c.read_artifacts()
+                return subs, runs, logs, arts
+        subs, runs, logs, arts = asyncio.run(read())
+    cells = grid_cells(ExperimentConfig(grid="smoke", tables_dir=small_tables, out_dir=out,
+                                        mrl_sizes=(8,)))
+    expected = {f"run-{c.id}-s1" for c in cells} | {"run-lru-id-short-s1"}
+    assert len(subs) == 1 and {r.name for r in runs} == expected
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
+    # each run has its own logs ...
+    by_run = {r.id: r.name for r in runs}
+    logged = {by_run[l.task_run_id] for l in logs if "torch threads" in l.message}
+    assert logged == expected
+    # ... written in a worker process, not in this one
+    pids = {l.message.split("pid ")[-1] for l in logs if "pid " in l.message}
+    assert pids and str(os.getpid()) not in pids
+    times = {r.name: (r.start_time, r.end_time) for r in runs}
+    assert times["run-lru-id-lora-s1"][0] >= times["run-lru-id-short-s1"][1]
+    table = [a for a in arts if a.type == "table" and a.key == "experiments-smoke-table"]
+    assert table and "NDCG@10" in str(table[0].data)

@@ -53,7 +53,9 @@ def harness(tmp_path_factory):
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("results"))
     from prefect.testing.utilities import prefect_test_harness
     try:
-        with prefect_test_harness():
+        # Prefect's default of 30 s to start the test server is too short on a busy 2-core
+        # machine (it timed out there at load average 8)
+        with prefect_test_harness(server_startup_timeout=180):
             yield
     finally:
         if old is None:

@@ -133,3 +133,113 @@ def test_vbpr_scores_equal_eq2_by_hand():
     torch.testing.assert_close(full.gather(1, items), got)
     with pytest.raises(ConfigError):
         VBPR(VBPRConfig(num_users=3, num_items=5), feats)
+
+
+# ------------------------------------------------ Fusion-Q-Former: token-level inputs, options
+
+def _token_states(n=5, rows=2, T=4, dim=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, rows, T, dim, generator=g)
+    mask = torch.ones(n, T, dtype=torch.bool)
+    for i in range(n):
+        mask[i, max(1, T - i):] = False  # item i has T - i real tokens (at least one)
+    return h, mask
+
+
+def _token_cfg(**kw):
+    base = dict(text_dim=12, text_rows=2, text_tokens=4, image_dim=20, image_rows=3,
+                d_model=16, n_queries=3, n_layers=2, n_heads=2, dropout=0.0, out_dim=8)
+    return FusionQFormerConfig(**{**base, **kw})
+
+
+def test_qformer_token_inputs_mask_padding_and_batch_like_a_loop():
+    torch.manual_seed(0)
+    th, mask = _token_states()
+    _, v = _states(n=5)
+    enc = FusionQFormer(_token_cfg()).eval()
+    out = enc(th, v, text_mask=mask)
+    loop = torch.cat([enc(th[i:i + 1], v[i:i + 1], text_mask=mask[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-6)
+    # padding tokens are never read; real tokens are
+    th2 = th.clone()
+    th2[:, :, :][~mask[:, None, :].expand_as(th[..., 0])] = 99.0
+    torch.testing.assert_close(enc(th2, v, text_mask=mask), out, rtol=1e-5, atol=1e-6)
+    th2[0, 1, 0] += 1.0
+    assert not torch.allclose(enc(th2, v, text_mask=mask)[0], out[0])
+    # an all-real mask is no mask
+    full = torch.ones_like(mask)
+    torch.testing.assert_close(enc(th, v, text_mask=full), enc(th, v), rtol=1e-5, atol=1e-6)
+
+
+def test_qformer_one_token_per_row_equals_pooled_rows():
+    """T = 1 with a zero token-position embedding is exactly the pooled-row model."""
+    torch.manual_seed(0)
+    t, v = _states(n=4)
+    pooled = FusionQFormer(_token_cfg(text_tokens=0)).eval()
+    tok = FusionQFormer(_token_cfg(text_tokens=1)).eval()
+    state = {k: val for k, val in pooled.state_dict().items()}
+    state["text_tok"] = torch.zeros(1, 16)
+    tok.load_state_dict(state)
+    torch.testing.assert_close(tok(t[:, :2, None], v), pooled(t[:, :2], v),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_qformer_token_norm_and_query_init_options():
+    torch.manual_seed(0)
+    t, v = _states(n=3)
+    seen = {}
+
+    def grab(enc):
+        return enc.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+
+    cfg = dict(text_dim=12, text_rows=4, image_dim=20, image_rows=3, d_model=8, n_queries=2,
+               dropout=0.0, out_dim=5)
+    none = FusionQFormer(FusionQFormerConfig(**cfg, token_norm="none")).eval()
+    assert isinstance(none.text_ln, torch.nn.Identity)
+    assert isinstance(FusionQFormer(FusionQFormerConfig(**cfg, token_norm="rms")).text_ln,
+                      torch.nn.RMSNorm)
+    grab(none)
+    none(t, v)
+    torch.testing.assert_close(seen["x"][:, 2 + 3:],
+                               none.text_proj(t.float()) + none.text_pos + none.type_emb[2])
+    mean = FusionQFormer(FusionQFormerConfig(**cfg, query_init="learned_plus_mean")).eval()
+    grab(mean)
+    mean(t, v)
+    toks = seen["x"][:, 2:]  # (N, 3 + 4, d): image then text tokens
+    torch.testing.assert_close(seen["x"][:, :2],
+                               (mean.queries + mean.type_emb[0])[None] + toks.mean(1)[:, None])
+    # with a mask the mean is over real tokens only
+    th, mask = _token_states(n=3, rows=4, T=2)
+    mt = FusionQFormer(FusionQFormerConfig(**{**cfg, "text_tokens": 2},
+                                           query_init="learned_plus_mean")).eval()
+    grab(mt)
+    mt(th, v, text_mask=mask)
+    x = seen["x"]
+    keep = torch.cat([torch.ones(3, 3, dtype=torch.bool),
+                      mask[:, None].expand(-1, 4, -1).reshape(3, 8)], 1)
+    toks = x[:, 2:]
+    want = (toks * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    torch.testing.assert_close(x[:, :2], (mt.queries + mt.type_emb[0])[None] + want[:, None])
+    for kw in (dict(token_norm="batch"), dict(query_init="zeros"), dict(text_tokens=-1)):
+        with pytest.raises(ConfigError):
+            FusionQFormerConfig(**{**cfg, **kw})
+
+
+def test_qformer_token_input_errors_and_chunked_table_with_masks():
+    torch.manual_seed(0)
+    th, mask = _token_states(n=9)
+    _, v = _states(n=9)
+    enc = FusionQFormer(_token_cfg())
+    with pytest.raises(ConfigError, match=r"\(N, 2, 4, 12\)"):
+        enc(th[:, :, 0], v)
+    with pytest.raises(ConfigError, match="text_mask must be"):
+        enc(th, v, text_mask=mask[:, :3])
+    with pytest.raises(ConfigError, match="image_mask given"):
+        FusionQFormer(_token_cfg(image_dim=0, image_rows=0))(th, None, image_mask=mask)
+    full = ContentItemTable(enc, th, v, text_mask=mask)()
+    chunked = ContentItemTable(enc, th, v, chunk_size=4, text_mask=mask)()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    chunked.sum().backward()
+    assert enc.text_tok.grad is not None and enc.text_tok.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="text_mask must be"):
+        ContentItemTable(enc, th, v, text_mask=mask[:4])

@@ -202,3 +202,29 @@ def test_metrics_rows_long_format():
     ]
     with pytest.raises(ConfigError, match="loss"):
         metrics_rows("pop", "test", {"loss": 1.0}, "all")
+
+
+def test_repeat_target_rule_on_a_hand_computed_ranking():
+    from pipeline.metrics import repeat_targets
+    # items 1..5; user A's history [1, 3] and target 3 (a repeat), user B's target 5
+    scores = torch.tensor([[0.0, 0.9, 0.5, 0.8, 0.1, 0.7]] * 2)
+    hist = [np.array([1, 3]), np.array([1, 3])]
+    targets = np.array([3, 5])
+    t = torch.from_numpy(targets)
+    for rule, window, rankable, masked in (
+            ("all", 50, [1, 1], [4, 1]),     # masked: 3 competing items (2, 4, 5) rank above
+            ("window", 1, [2, 2], [5, 2]),   # window [3]: item 1 (0.9) competes with both
+            ("none", 50, [2, 3], [2, 3])):   # nothing is masked: the rule changes nothing
+        mask = exclusion_mask(hist, targets, 5, rule, max_len=window)
+        rep = repeat_targets(hist, targets, rule, max_len=window)
+        assert rep.tolist() == ([True, False] if rule != "none" else [False, False])
+        assert ranks_from_scores(scores, t, mask).tolist() == rankable
+        assert ranks_from_scores(scores, t, mask, rep).tolist() == masked
+    # through evaluate(): HR@1 is 1.0 with the repeat rankable, 0.5 with it masked
+    split = SequenceSplit(item_ids=np.arange(1, 6), user_ids=np.array([1, 2]),
+                          sequences=(np.array([1, 3, 3]), np.array([1, 3, 5])))
+    fn = lambda x: scores[: x.shape[0]]  # noqa: E731
+    r = evaluate(fn, split, "test", EvalConfig(ks=(1,), exclude="all"))
+    m = evaluate(fn, split, "test", EvalConfig(ks=(1,), exclude="all", repeat_target="masked"))
+    assert (r["HR@1"], m["HR@1"]) == (1.0, 0.5)
+    assert m["MRR"] == pytest.approx((1 / 4 + 1) / 2)

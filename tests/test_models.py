@@ -181,14 +181,15 @@ def test_gates_init_and_disabled():
     m = IntraSAN(4, 2, 3)
     assert all(g().item() == 0.5 and g().requires_grad for g in m.gates)
     fixed = IntraSAN(4, 2, 3, use_gate=False)
-    assert all(g() == 0.5 for g in fixed.gates)
+    assert all(g() is None for g in fixed.gates)
     assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in fixed.parameters()) == 2
 
 
+@pytest.mark.parametrize("start", ["zeros", "gate"])
 @pytest.mark.parametrize("dt,di", [(12, 8), (8, 12), (8, 8)])
-def test_inter_san_dtl_and_hand_unrolled(dt, di):
+def test_inter_san_dtl_and_hand_unrolled(dt, di, start):
     torch.manual_seed(0)
-    m = InterSAN(dt, di, 3, n_rows=3).double()
+    m = InterSAN(dt, di, 3, n_rows=3, start=start).double()
     _set_known(m)
     small = min(dt, di)
     assert (m.dtl_text is None) == (dt == small) and (m.dtl_image is None) == (di == small)
@@ -203,9 +204,16 @@ def test_inter_san_dtl_and_hand_unrolled(dt, di):
 
     xt, xi = aligned(th, m.dtl_text), aligned(ih, m.dtl_image)
     b = [torch.sigmoid(m.gates[k].a / 0.1) for k in range(3)]
-    s = b[0] * xi[:, 0] + (1 - b[0]) * xt[:, 0]
-    s = _sanb(s + b[1] * xi[:, 1] + (1 - b[1]) * xt[:, 1], m.blocks[0])
-    s = _sanb(s + b[2] * xi[:, 2] + (1 - b[2]) * xt[:, 2], m.blocks[1])
+    if start == "zeros":  # public IISAN code: s_0 = 0, a SANB per pair
+        assert len(m.blocks) == 3
+        s = torch.zeros(4, small, dtype=torch.float64)
+        for k in range(3):
+            s = _sanb(s + b[k] * xi[:, k] + (1 - b[k]) * xt[:, k], m.blocks[k])
+    else:  # the earlier variant: gated row 0 as s_0
+        assert len(m.blocks) == 2
+        s = b[0] * xi[:, 0] + (1 - b[0]) * xt[:, 0]
+        s = _sanb(s + b[1] * xi[:, 1] + (1 - b[1]) * xt[:, 1], m.blocks[0])
+        s = _sanb(s + b[2] * xi[:, 2] + (1 - b[2]) * xt[:, 2], m.blocks[1])
     out = m(th, ih)
     assert out.shape == (4, small) and torch.allclose(out, s)
 
@@ -239,10 +247,15 @@ def test_item_encoder_equals_eq1_concat_order_and_top_rows():
     enc = IISANItemEncoder(_cfg()).double()
     _set_known(enc)
     th, ih = torch.randn(7, 5, 12, dtype=torch.float64), torch.randn(7, 3, 8, dtype=torch.float64)
-    cat = torch.cat([enc.intra_image(ih), enc.inter(th[:, 2:], ih), enc.intra_text(th)], -1)
+    # depths 4 and 2 (rows 0..4 / 0..2): IISAN-Versa pairs text hidden state 4 with image 2
+    assert enc.cfg.inter_pairs == ((4, 2),)
+    cat = torch.cat([enc.intra_image(ih), enc.inter(th[:, 4:5], ih[:, 2:3]),
+                     enc.intra_text(th)], -1)
     assert torch.allclose(enc(th, ih), enc.fusion(cat))
-    # frozen-backbone ablation: only the top text rows (inter) and the last row (intra) matter
-    frozen = IISANItemEncoder(_cfg(use_intra=False)).double()
+    # the earlier "w/o intra" variant: frozen top rows next to an Inter-SAN over the top
+    # min(5, 3) = 3 rows; only those and the last row matter
+    frozen = IISANItemEncoder(_cfg(use_intra=False, without_intra="frozen_rows", pairing="top",
+                                   inter_start="gate")).double()
     th2 = th.clone()
     th2[:, :2] += 5.0  # bottom two text rows are not among the top min(5, 3) = 3
     assert torch.allclose(frozen(th, ih), frozen(th2, ih))

@@ -38,7 +38,7 @@ def test_pipeline_flow_small_slice(small_source, tmp_path, monkeypatch):
     level = logging.getLogger("pipeline").level
     logging.getLogger("pipeline").setLevel(logging.INFO)
     try:
-        with prefect_test_harness():
+        with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine
             res = pipeline(**kw)
             assert [s["skipped"] for s in res["stage1"]] == [False, False]
             assert res["stage2"] == [{"name": m, "reused": False} for m in TRAINED]

@@ -19,10 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_prepare_sets_defaults_and_keeps_what_the_user_set():
+def test_prepare_sets_defaults_and_keeps_what_the_user_set(tmp_path):
     from flows._prefect_start import (EXTRA_LOGGERS_ENV, MISSING_FLOW_ENV, STARTUP_TIMEOUT_ENV,
                                       STARTUP_TIMEOUT_S, prepare)
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"PREFECT_HOME": str(tmp_path)}
     assert prepare(env) == {EXTRA_LOGGERS_ENV: "pipeline", MISSING_FLOW_ENV: "ignore",
                             STARTUP_TIMEOUT_ENV: str(STARTUP_TIMEOUT_S)}
     assert STARTUP_TIMEOUT_S > 20  # Prefect's default
@@ -32,6 +32,29 @@ def test_prepare_sets_defaults_and_keeps_what_the_user_set():
     # with a server, no temporary API is started: the timeout is left alone
     env = {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}
     assert STARTUP_TIMEOUT_ENV not in prepare(env)
+
+
+def test_migration_check_is_skipped_only_for_a_database_migrated_for_this_prefect(tmp_path):
+    from flows._prefect_start import (MIGRATE_ENV, migrated_stamp, prepare,
+                                      write_migrated_stamp)
+    home = {"PREFECT_HOME": str(tmp_path)}
+    assert MIGRATE_ENV not in prepare(dict(home))  # fresh home: the server migrates
+    (tmp_path / "prefect.db").write_bytes(b"")
+    assert MIGRATE_ENV not in prepare(dict(home))  # a database, but not stamped
+    stamp = write_migrated_stamp(dict(home))
+    from importlib.metadata import version
+    assert stamp == tmp_path / f".mmcache-migrated-prefect-{version('prefect')}" == \
+        migrated_stamp(dict(home))
+    env = dict(home)
+    assert prepare(env)[MIGRATE_ENV] == "false" and env[MIGRATE_ENV] == "false"
+    # never with a server, another database, or the user's own choice
+    assert MIGRATE_ENV not in prepare({**home, "PREFECT_API_URL": "http://h:4200/api"})
+    assert MIGRATE_ENV not in prepare({**home, "PREFECT_API_DATABASE_CONNECTION_URL": "x"})
+    mine = {**home, MIGRATE_ENV: "true"}
+    prepare(mine)
+    assert mine[MIGRATE_ENV] == "true"
+    (tmp_path / "prefect.db").unlink()  # a deleted database migrates again
+    assert MIGRATE_ENV not in prepare(dict(home))
 
 
 def test_every_hand_started_flow_imports_the_helper_before_prefect():
@@ -79,6 +102,7 @@ def test_train_flow_by_hand_from_an_empty_prefect_home(small_tables, tmp_path):
         assert re.search(rf"\| INFO +\| pipeline\.train - tiny epoch {epoch}/2 loss \d+\.\d{{4}} "
                          rf"valid NDCG@10 \d\.\d{{4}} \(best \d\.\d{{4}} @ \d\) \d+\.\d s", out), \
             out[-4000:]
-    res = json.loads(p.stdout[p.stdout.index("{"):])
-    assert res["name"] == "tiny" and res["best_epoch"] in (1, 2)
+    # the command line ends with a one-line summary, not the whole result
+    assert re.search(r"^tiny: best epoch [12], test NDCG@10 \d\.\d{4} HR@10 \d\.\d{4} "
+                     r"\(exclude all\), \S+/ck/tiny$", p.stdout, re.M), p.stdout[-2000:]
     assert (tmp_path / "ck" / "tiny" / "inputs.json").exists()

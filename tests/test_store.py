@@ -364,7 +364,7 @@ def test_estimate_llama_example_and_cli(capsys):
     assert main(["estimate", "--items", "20314", "--layers", "6", "--dim", "8192",
                  "--all-layers", "81"]) == 0
     out = capsys.readouterr().out
-    assert "TOTAL          2,000,859,724 B" in out and "all 81 hidden states" in out
+    assert "TOTAL          2,000,862,588 B" in out and "all 81 hidden states" in out
 
 
 def test_cli_describe(tmp_path, capsys):
@@ -408,7 +408,7 @@ def test_reader_load_direct_reads_equal_zarr(tmp_path):
     x = r.load()
     assert x.dtype == torch.float16 and x.shape == (37, 4, 8)
     np.testing.assert_array_equal(x.numpy(), data)
-    assert r.files.stats == {"direct_shards": 5, "zarr_shards": 0}  # one read per shard file
+    assert r.files.stats == {"direct_shards": 5, "zarr_shards": 0, "verified_shards": 5}  # one read per shard file
     files = _ShardFiles(st)
     out = np.empty((8, 4, 8), np.float16)
     files.read(4, 32, 37, out[:5])

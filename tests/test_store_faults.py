@@ -192,7 +192,8 @@ def data_files(store: Path) -> dict[str, Path]:
 def array_bytes(store: Path) -> dict[str, bytes]:
     """Every array's chunk files (data, ids, shard flags and digests), by relative path."""
     out = {}
-    for name in ("hidden_states", "item_id", "layer_index", "shard_done", "shard_digest"):
+    for name in ("hidden_states", "item_id", "layer_index", "shard_done", "shard_digest",
+                 "shard_checksum"):
         for p in sorted((store / name).rglob("*")):
             if p.is_file():
                 out[str(p.relative_to(store))] = p.read_bytes()
@@ -204,7 +205,7 @@ def reference(small_tables, tmp_path_factory, zygote):
     """An uninterrupted cache run: (store path, its arrays, its chunk-file bytes)."""
     stores = tmp_path_factory.mktemp("reference")
     res = zygote.ok(small_tables, stores)
-    assert res["complete"] is False and res["shards_written"] == res["num_shards"] >= 8
+    assert res["complete"] is True and res["shards_written"] == res["num_shards"] >= 8
     path = the_store(stores)
     return path, HiddenStateStore.open(path).read(), array_bytes(path)
 

@@ -138,3 +138,37 @@ def test_notebook_runs_on_stores_it_is_pointed_at(tmp_path, monkeypatch):
     np.testing.assert_allclose([res["cosine_per_layer"][k] for k in ("0", "2", "4")], cos,
                                rtol=1e-5)
     assert 0.9 < cos.min() < 1.0
+    assert res["xr_open_zarr"] == {"warnings": 0, "same": True}  # plain xarray, no warning
+
+
+def test_demo_sized_store_opens_in_xarray_without_warnings_and_selects_by_id_and_layer(
+        tmp_path):
+    """issue 13: no lock / claim / record files inside the group, `layer` indexed."""
+    import warnings
+    import xarray as xr
+    import stores
+    n, layers, d = 1849, (0, 2, 4, 6), 384              # the demo text store's shape
+    ids = np.arange(1, 3 * n + 1, 3)                    # ids are not row numbers
+    x = np.random.default_rng(9).standard_normal((n, len(layers), d)).astype(np.float16)
+    sp = StoreSpec(items_fingerprint="d" * 64, modality="text", library="transformers",
+                   model_id="org/model", weights_fingerprint="w" * 64, pretrained=True,
+                   num_model_layers=6, layer_indices=layers, layer_policy="symmetric",
+                   pooling="mean", max_length=30, hidden_dim=d)
+    path = tmp_path / "text__minilm__mean.zarr"
+    with writer(path, sp, ids, items_per_shard=256, items_per_chunk=64) as st:
+        for s in range(st.num_shards):
+            a, b = st.shard_range(s)
+            with st.claim(s):                           # claims too: files beside the store
+                st.write_shard(s, x[a:b])
+    pick = ids[[0, 700, 1848]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(path, consolidated=False)
+        assert {"item_id", "layer", "layer_index"} <= set(ds.coords)
+        got = ds.set_xindex("item_id").sel(item_id=pick, layer=4).hidden_states.values
+        np.testing.assert_array_equal(got, x[[0, 700, 1848], 2])
+        np.testing.assert_array_equal(ds.sel(layer=[6, 0]).hidden_states.values, x[:, [3, 0]])
+        v = stores.open(path)
+        np.testing.assert_array_equal(v.sel(item_id=pick, layer=4).hidden_states.values,
+                                      x[[0, 700, 1848], 2])
+        np.testing.assert_array_equal(v.sel(layer_index=6).hidden_states.values, x[:, 3])

@@ -212,7 +212,7 @@ def test_reader_load_direct_path_equals_zarr(tmp_path):
     x = r.load()
     assert x.shape == (37, 5, D) and x.dtype == torch.float16
     np.testing.assert_array_equal(x.numpy(), ref)
-    assert r.files.stats == {"direct_shards": 5, "zarr_shards": 0}
+    assert r.files.stats == {"direct_shards": 5, "zarr_shards": 0, "verified_shards": 5}
     views = split_layers(x, r.layer_widths)
     assert [tuple(v.shape) for v in views] == [(37, w) for w in WIDTHS]
     for k, (v, w) in enumerate(zip(views, WIDTHS)):
