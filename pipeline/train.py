@@ -1,5 +1,9 @@
 """Stage 2: train a recommender on cached hidden states only, and evaluate it.
 
+Model assembly is in ``pipeline.model_build``, full ranking in ``pipeline.ranking`` and the
+run mechanics (history, graceful stop, id maps) in ``pipeline.train_runs``; every name is
+re-exported here.
+
 No encoder is loaded here: item encoders read the stores written by stage 1
 (``stores.hidden_states``) into memory once, and every step computes the item table from
 those cached tensors (IISAN's decoupled PEFT with caching, Fu et al. SIGIR 2024, sec. III-F).
@@ -31,37 +35,35 @@ seconds), ``train_summary.json`` and, after :func:`evaluate_checkpoint`, ``metri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.gru4rec import GRU4Rec, GRU4RecConfig
-from models.item_encoders import ContentIDItemTable, LinearFusionConfig, LinearFusionEncoder
 from models.lora import apply_lora, lora_parameters, merge_lora
 from models.losses import CICHead, bpr_loss, popularity_log_prob, sample_negatives
-from models.lru import LRUConfig, LRURec
 from models.matryoshka import effective_params
-from models.qformer import FusionQFormer, FusionQFormerConfig
-from models.recommender import ContentItemTable, IDItemTable, SequentialRecommender
-from models.san import IISANConfig, IISANItemEncoder
-from models.sasrec import MatryoshkaSASRec, SASRec, SASRecConfig
-from models.vbpr import VBPR, VBPRConfig
+from models.vbpr import VBPR
 from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
-from pipeline.metrics import exclusion_mask, metrics_from_ranks, ranks_from_scores, repeat_targets
-from pipeline.train_runs import (GracefulStop, HistoryLog, cached_item_table, metrics_file,
-                                 top_items, valid_sample, write_id_map, write_per_user)
+from pipeline.metrics import metrics_from_ranks, repeat_targets
+from pipeline.train_runs import (GracefulStop, HistoryLog, metrics_file, valid_sample,
+                                 write_id_map, write_per_user)
 from pipeline.split import SequenceSplit, build_split, pad_left
 from pipeline.cached_inputs import load_stores, row_widths
 from stores.hidden_states import dump_json
 from stores.tables import key_maps, read_tables
+
+# model assembly and full ranking live in their own modules; re-exported for callers and tests
+from pipeline.model_build import (ScoreFn, build_item_table, build_model, build_seq_model,  # noqa: F401
+                                  describe_model, iisan_config, score_fn_for, tower_layers,
+                                  vbpr_features)
+from pipeline.ranking import breakdown, rank_examples  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -296,218 +298,7 @@ def training_pairs(split: SequenceSplit) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(users)), torch.from_numpy(np.concatenate(items))
 
 
-# --------------------------------------------------------------------------- models
-
-def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The configured sequence model (SASRec / Matryoshka SASRec / LRURec / GRU4Rec)."""
-    if cfg.seq_model == "sasrec":
-        scfg = SASRecConfig(hidden=cfg.hidden, max_len=cfg.max_len, n_layers=cfg.n_layers,
-                            n_heads=cfg.n_heads, dropout=cfg.dropout, attn_dropout=cfg.dropout)
-        return MatryoshkaSASRec(scfg, cfg.sizes) if cfg.sizes else SASRec(scfg)
-    if cfg.seq_model == "lru":
-        return LRURec(LRUConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, dropout=cfg.dropout,
-                                lru_dropout=cfg.dropout, r_min=cfg.lru_r_min,
-                                r_max=cfg.lru_r_max, state_mult=cfg.lru_state_mult,
-                                sizes=cfg.sizes))
-    if cfg.seq_model == "gru4rec":
-        return GRU4Rec(GRU4RecConfig(hidden=cfg.hidden, n_layers=cfg.gru_layers,
-                                     dropout=cfg.dropout))
-    raise ConfigError(f"{cfg.seq_model!r} is not a sequence model")
-
-
-def tower_layers(cfg: TrainConfig, specs: dict[str, Any]) -> dict[str, Any]:
-    """``{"text_layer_ids", "text_depth", "image_...": ...}`` of the loaded stores: the
-    hidden-state index of each loaded row and the tower's blocks (``num_model_layers``),
-    for the IISAN pairing (``models.san.IISANConfig``)."""
-    out: dict[str, Any] = {}
-    for m in ("text", "image"):
-        if m in specs:
-            out[f"{m}_layer_ids"] = tuple(getattr(cfg, f"{m}_layers")
-                                          or specs[m]["layer_indices"])
-            out[f"{m}_depth"] = int(specs[m]["num_model_layers"])
-    return out
-
-
-def iisan_config(cfg: TrainConfig, dims: dict[str, Any], rows: dict[str, int],
-                 towers: dict[str, Any] | None = None) -> IISANConfig:
-    """The IISAN encoder config of a run; ``iisan_pairing=None`` resolves to ``versa`` when
-    the given rows hold its hidden states, else ``top``. Raises ConfigError as IISANConfig."""
-    kw = dict(**dims, **rows, **(towers or {}), adapter_dim=cfg.adapter_dim, out_dim=cfg.hidden,
-              use_intra=cfg.use_intra, use_inter=cfg.use_inter, use_gates=cfg.use_gates,
-              inter_start=cfg.iisan_inter_start, ungated=cfg.iisan_ungated,
-              without_intra=cfg.iisan_without_intra)
-    if cfg.iisan_pairing is not None:
-        return IISANConfig(**kw, pairing=cfg.iisan_pairing)
-    try:
-        return IISANConfig(**kw, pairing="versa")
-    except ConfigError as exc:
-        if "pairing='versa'" not in str(exc):
-            raise
-        log.info("%s: the stores lack the IISAN-Versa rows (%s); the Inter-SAN pairs the top "
-                 "rows", cfg.name, exc)
-        return IISANConfig(**kw, pairing="top")
-
-
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
-    """What the run's model resolved to, for ``config.json``: ``{"iisan": ...}`` for an
-    IISAN item encoder (pairing, options, fused parts), else {}."""
-    for m in model.modules():
-        if isinstance(m, IISANItemEncoder):
-            return {"iisan": m.cfg.resolved()}
-    return {}
-
-
-def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
-                     image_h: torch.Tensor | None,
-                     widths: dict[str, tuple[int, ...] | None] | None = None,
-                     towers: dict[str, Any] | None = None) -> torch.nn.Module:
-    """The configured item table: IDs, a content encoder over the cache, or content + IDs.
-
-    ``widths``: :func:`row_widths` of mixed-width stores (a CNN's stages), passed to the
-    content encoders (row-wise DTL, see ``models.dtl``); None for uniform rows.
-    ``towers``: :func:`tower_layers` of the stores (IISAN pairing); None = rows 0..K-1.
-    """
-    if cfg.item_encoder == "id":
-        return IDItemTable(num_items, cfg.hidden)
-    widths = {k: v for k, v in (widths or {}).items() if v is not None}
-    dims = dict(text_dim=text_h.shape[2] if text_h is not None else 0,
-                image_dim=image_h.shape[2] if image_h is not None else 0, **widths)
-    rows = dict(text_rows=text_h.shape[1] if text_h is not None else 0,
-                image_rows=image_h.shape[1] if image_h is not None else 0)
-    if cfg.item_encoder == "iisan":
-        enc: torch.nn.Module = IISANItemEncoder(iisan_config(cfg, dims, rows, towers))
-    elif cfg.item_encoder == "concat":
-        enc = LinearFusionEncoder(LinearFusionConfig(**dims, out_dim=cfg.hidden))
-    else:
-        enc = FusionQFormer(FusionQFormerConfig(
-            **dims, **rows, d_model=cfg.qformer_dim, n_queries=cfg.qformer_queries,
-            n_layers=cfg.qformer_layers, n_heads=cfg.qformer_heads, dropout=cfg.dropout,
-            out_dim=cfg.hidden))
-    table: torch.nn.Module = ContentItemTable(enc, text_h, image_h)
-    if cfg.use_id:
-        table = ContentIDItemTable(table, IDItemTable(num_items, cfg.hidden))
-    return table
-
-
-def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None,
-                  widths: dict[str, tuple[int, ...] | None] | None = None) -> torch.Tensor:
-    """(N, F) VBPR item features: the top cached row of each given store, at its real width
-    (``widths``: :func:`row_widths`; rows are zero-padded to D), concatenated."""
-    widths = widths or {}
-    parts = []
-    for m, h in (("text", text_h), ("image", image_h)):
-        if h is not None:
-            w = widths.get(f"{m}_widths")
-            parts.append(h[:, -1, :w[-1] if w else h.shape[2]].float())  # (N, d_top)
-    return torch.cat(parts, dim=1)
-
-
-def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
-                image_h: torch.Tensor | None, num_users: int = 0,
-                widths: dict[str, tuple[int, ...] | None] | None = None,
-                towers: dict[str, Any] | None = None) -> torch.nn.Module:
-    """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR.
-
-    ``widths``: :func:`row_widths` of the loaded stores (None: every row full width);
-    ``towers``: :func:`tower_layers` of the stores (None: rows 0..K-1 of a K-1 block tower)."""
-    if cfg.seq_model == "vbpr":
-        return VBPR(VBPRConfig(num_users=num_users, num_items=num_items,
-                               factors=cfg.vbpr_factors, visual_factors=cfg.vbpr_factors),
-                    vbpr_features(text_h, image_h, widths))
-    return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h, widths,
-                                                  towers), build_seq_model(cfg))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
-
-
-def score_fn_for(model: torch.nn.Module) -> ScoreFn:
-    """(histories (B, L), user rows (B,)) -> one (B, N + 1) score tensor per size."""
-    if isinstance(model, VBPR):
-        fn = lambda hist, users: [model.score_all(users)]  # noqa: E731
-    else:
-        fn = lambda hist, users: model.score_last_sizes(hist)  # noqa: E731
-    fn.model = model  # type: ignore[attr-defined]  # rank_examples caches its item table
-    return fn
-
-
-def rank_examples(score_fn: ScoreFn, split: SequenceSplit, stage: Literal["valid", "test"],
-                  ecfg: EvalConfig, device: str | torch.device = "cpu",
-                  sample: np.ndarray | None = None, tops: list | None = None,
-                  top_k: int = 10) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Full-ranking ranks of every validation / test target, at every size.
-
-    Same histories, cut, exclusion rule and pessimistic ties as
-    :func:`pipeline.evaluate.evaluate` (``metrics_from_ranks`` of the result equals it), but
-    the per-example ranks are kept so that subsets (cold items) can be scored.
-
-    ``sample``: positions of the examples to score (None: all); ``tops``: a list that gets
-    one (b, ``top_k``) tensor of the largest size's best items per batch (recommendations).
-    The repeat-target rule is ``ecfg.repeat_target``.
-
-    Returns: (one (n,) long rank tensor per size, (n,) target item indices).
-    Raises: ConfigError if the score shape is wrong; InputDataError if no example.
-    """
-    from pipeline import progress
-    from pipeline.errors import InputDataError
-    histories, targets = split.examples(stage)
-    if not histories:
-        raise InputDataError(f"the split has no {stage} example (every user has < 3 interactions)")
-    users = torch.tensor([u for u, s in enumerate(split.sequences) if len(s) >= 3])
-    if sample is not None:
-        histories, targets = [histories[i] for i in sample], targets[sample]
-        users = users[torch.from_numpy(np.asarray(sample))]
-    n = split.num_items
-    out: list[list[torch.Tensor]] = []
-    # a bar over user batches on a terminal, for large passes only (many users x items)
-    n_batches = -(-len(histories) // ecfg.batch_size)
-    users_bar = progress.bar(len(histories), f"rank {stage}", unit="user", leave=False,
-                             show=None if n_batches > 1 and len(histories) * n
-                             >= progress.EVAL_BAR_MIN_SCORES else False)
-    # the item table once per pass, not once per batch of users (IISAN: the whole encoder)
-    model = getattr(score_fn, "model", None)
-    with cached_item_table(model) if model is not None else contextlib.nullcontext():
-        for start in range(0, len(histories), ecfg.batch_size):
-            stop = start + ecfg.batch_size
-            hist, tgt = histories[start:stop], targets[start:stop]
-            with torch.no_grad():
-                per_size = score_fn(pad_left(hist, ecfg.max_len).to(device),
-                                    users[start:start + len(hist)].to(device))
-            mask = exclusion_mask(hist, tgt, n, ecfg.exclude, ecfg.max_len)
-            masked = repeat_targets(hist, tgt, ecfg.exclude, ecfg.max_len) \
-                if ecfg.repeat_target == "masked" else None
-            for k, scores in enumerate(per_size):
-                if tuple(scores.shape) != (len(hist), n + 1):
-                    raise ConfigError(f"score_fn returned shape {tuple(scores.shape)}, "
-                                      f"expected {(len(hist), n + 1)}")
-                if len(out) <= k:
-                    out.append([])
-                out[k].append(ranks_from_scores(scores.detach().float(), torch.from_numpy(tgt),
-                                                mask, masked).cpu())
-            if tops is not None:
-                tops.append(top_items(per_size[-1], mask, top_k))
-            users_bar.update(len(hist))
-    users_bar.close()
-    return [torch.cat(r) for r in out], targets
-
-
-def breakdown(ranks: torch.Tensor, targets: np.ndarray, train_counts: np.ndarray,
-              cold_threshold: int, ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
-    """Metrics for all examples, cold targets (train count <= threshold) and the rest.
-
-    Returns ``{"all": {...}, "cold": {...}, "warm": {...}}``, each with ``n_users``; a
-    subset with no example has only ``{"n_users": 0}``.
-    """
-    cold = train_counts[targets] <= cold_threshold
-    out = {}
-    for name, sel in (("all", np.ones_like(cold)), ("cold", cold), ("warm", ~cold)):
-        idx = torch.from_numpy(np.flatnonzero(sel))
-        m = metrics_from_ranks(ranks[idx], ks) if len(idx) else {}
-        out[name] = {**m, "n_users": int(len(idx))}
-    return out
-
+# models and ranking: pipeline/model_build.py, pipeline/ranking.py (re-exported here)
 
 # --------------------------------------------------------------------------- training
 
