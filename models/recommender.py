@@ -105,13 +105,37 @@ class ContentItemTable(nn.Module):
 
     def forward(self) -> Tensor:
         """Returns the table (N + 1, out_dim); row 0 = zeros (padding)."""
-        n, step = self.num_items, self.chunk_size or self.num_items
+        return self._table(None)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """The table of only these items: (U + 1, out_dim), row 0 = zeros, row k = item ids[k-1].
+
+        Equal to ``forward()[torch.cat([0, ids])]`` (the encoder maps each item on its own),
+        at the cost of U items instead of N: what an in-batch loss needs (IISAN's debiased
+        CE scores only the batch's items).
+
+        Args: ids: (U,) long item ids in 1..N.
+        Raises: ConfigError for an id outside 1..N.
+        """
+        if ids.numel() and (int(ids.min()) < 1 or int(ids.max()) > self.num_items):
+            raise ConfigError(f"item ids must be in 1..{self.num_items}, got "
+                              f"{int(ids.min())}..{int(ids.max())}")
+        return self._table(ids - 1)
+
+    def _table(self, index: Tensor | None) -> Tensor:
+        n = self.num_items if index is None else int(index.numel())
+        step = self.chunk_size or max(n, 1)
+
+        def take(h: Tensor | None, i: int) -> Tensor | None:
+            if h is None:
+                return None
+            return h[i:i + step] if index is None else h[index[i:i + step]]
+
         out = []
         for i in range(0, n, step):
-            t = self.text_h[i:i + step] if self.text_h is not None else None
-            v = self.image_h[i:i + step] if self.image_h is not None else None
-            kw = {k: m[i:i + step] for k, m in (("text_mask", self.text_mask),
-                                                 ("image_mask", self.image_mask))
+            t, v = take(self.text_h, i), take(self.image_h, i)
+            kw = {k: take(m, i) for k, m in (("text_mask", self.text_mask),
+                                              ("image_mask", self.image_mask))
                   if m is not None}
             if self.chunk_size is not None and torch.is_grad_enabled():
                 out.append(checkpoint(self.encoder, t, v, use_reentrant=False, **kw))
@@ -164,7 +188,8 @@ class SequentialRecommender(nn.Module):
                 the batch windows ``[seqs, targets[:, -1:]]``) or "bpr" (``num_negatives``
                 uniform negatives per target).
             table: the (N + 1, D) item table if the caller has computed it (else computed
-                here, once per call).
+                here, once per call; for "debiased_ce" with a content table only the batch's
+                items are encoded, :meth:`ContentItemTable.rows`).
         Returns:
             scalar; for "ce" with one size: mean over positions with ``targets != 0`` of
             ``-log softmax_j(<h_t, e_j>)[target]``, j over items 1..N.
@@ -179,6 +204,19 @@ class SequentialRecommender(nn.Module):
             raise ConfigError("loss needs at least one non-padding target (all targets are 0)")
         if kind not in ("ce", "debiased_ce", "bpr"):
             raise ConfigError(f"unknown loss kind {kind!r}; expected ce, debiased_ce or bpr")
+        if table is None and kind == "debiased_ce" and hasattr(self.item_table, "rows"):
+            # in-batch loss: encode only the U items of the batch windows (IISAN's training
+            # step), then the same loss on batch-local ids (equal values and gradients)
+            if log_pop is None:
+                raise ConfigError("loss kind 'debiased_ce' needs log_pop (log item popularity)")
+            window = torch.cat([seqs, targets[:, -1:]], dim=1)  # (B, L + 1)
+            uniq = torch.unique(window)  # (U') sorted
+            uniq = uniq[uniq != 0]  # (U,)
+            local = lambda x: torch.where(x == 0, 0, torch.searchsorted(uniq, x) + 1)  # noqa: E731
+            sub = self.item_table.rows(uniq)  # (U + 1, D)
+            lp = torch.cat([log_pop[:1], log_pop[uniq]])  # (U + 1,)
+            h_all = self._encode(local(seqs), sub)  # (B, L, D)
+            return debiased_in_batch_ce(h_all, local(targets), local(window), sub, lp, self.sizes)
         if table is None:
             table = self.item_table()  # (N + 1, D)
         h_all = self._encode(seqs, table)  # (B, L, D)

@@ -164,3 +164,48 @@ def test_recommender_bpr_loss_matches_manual():
     pos_s = (h * table[targets[valid]]).sum(-1)
     neg_s = torch.einsum("md,mjd->mj", h, table[neg])
     torch.testing.assert_close(got, -torch.nn.functional.logsigmoid(pos_s[:, None] - neg_s).mean())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_debiased_loss_encodes_only_the_batch_items_with_equal_values_and_gradients(chunk_size):
+    # the fast path (ContentItemTable.rows over the batch's items, batch-local ids) against
+    # the slow reference (the whole table, then the same loss): loss and every gradient
+    from models.recommender import ContentItemTable
+    from models.san import IISANConfig, IISANItemEncoder
+    torch.manual_seed(0)
+    n = 20
+    cfg = IISANConfig(text_dim=6, image_dim=5, text_rows=3, image_rows=3, adapter_dim=3, out_dim=8)
+    th, ih = torch.randn(n, 3, 6, dtype=torch.float64), torch.randn(n, 3, 5, dtype=torch.float64)
+    model = SequentialRecommender(ContentItemTable(IISANItemEncoder(cfg), th, ih, chunk_size),
+                                  SASRec(SASRecConfig(hidden=8, max_len=4, dropout=0.0,
+                                                      attn_dropout=0.0))).double().eval()
+    seqs = torch.tensor([[0, 11, 2, 17], [4, 5, 19, 7], [0, 0, 3, 3]])
+    targets = torch.tensor([[0, 2, 17, 9], [5, 19, 7, 20], [0, 3, 3, 1]])
+    log_pop = popularity_log_prob(torch.arange(n + 1) % 5).double()
+    seen = []
+    hook = model.item_table.encoder.register_forward_hook(
+        lambda mod, args, out: seen.append(out.shape[0]))
+
+    def loss_and_grads(**kw):
+        model.zero_grad()
+        loss = model.loss(seqs, targets, "debiased_ce", log_pop=log_pop, **kw)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    fast, g_fast = loss_and_grads()
+    encoded_fast = sum(seen)
+    seen.clear()
+    slow, g_slow = loss_and_grads(table=model.item_table())
+    hook.remove()
+    batch_items = torch.unique(torch.cat([seqs, targets[:, -1:]], 1))
+    assert encoded_fast == int((batch_items != 0).sum()) == 11 and sum(seen) == n
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # rows() is the full table's rows; ids out of range are refused
+    ids = torch.tensor([3, 7, 20])
+    with torch.no_grad():
+        torch.testing.assert_close(model.item_table.rows(ids),
+                                   model.item_table()[torch.cat([torch.tensor([0]), ids])])
+    with pytest.raises(ConfigError, match="1..20"):
+        model.item_table.rows(torch.tensor([0, 4]))
