@@ -16,6 +16,10 @@ DEMO_SOURCE = ROOT / "data" / "movielens-5core"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# flows._prefect_start skips the temporary API's migration check for a PREFECT_HOME that
+# `make setup` migrated; prefect_test_harness runs on a NEW temporary database, which must be
+# migrated: keep the check on for the tests (set before any flow module is imported)
+os.environ.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "true")
 
 
 def make_slice(dest: Path, n_users: int = 12, n_items: int = 40) -> Path:

@@ -26,7 +26,9 @@ def test_prepare_sets_defaults_and_keeps_what_the_user_set(tmp_path):
     assert prepare(env) == {EXTRA_LOGGERS_ENV: "pipeline", MISSING_FLOW_ENV: "ignore",
                             STARTUP_TIMEOUT_ENV: str(STARTUP_TIMEOUT_S)}
     assert STARTUP_TIMEOUT_S > 20  # Prefect's default
-    mine = {STARTUP_TIMEOUT_ENV: "45", EXTRA_LOGGERS_ENV: "dask", MISSING_FLOW_ENV: "warn"}
+    # (a PREFECT_HOME without a database: the migration skip is tested below)
+    mine = {STARTUP_TIMEOUT_ENV: "45", EXTRA_LOGGERS_ENV: "dask", MISSING_FLOW_ENV: "warn",
+            "PREFECT_HOME": str(tmp_path)}
     env = dict(mine)
     assert prepare(env) == {} and env == mine
     # with a server, no temporary API is started: the timeout is left alone
