@@ -29,7 +29,11 @@ Importing it calls :func:`prepare`, which:
   :func:`migrated_stamp`, written by :func:`write_migrated_stamp`) and the database file
   exists: about 11 s less per by-hand flow call on this loaded 2-core machine
   (``benchmarks/bench_prefect_start.py``). A fresh ``PREFECT_HOME``, another Prefect version
-  or a deleted database migrate as before. The cheapest path is a running server: with
+  or a deleted database migrate as before. The setting is process-wide: a process that
+  imports a flow module and later starts a server on ANOTHER database (e.g.
+  ``prefect.testing.utilities.prefect_test_harness``) must set
+  ``PREFECT_API_DATABASE_MIGRATE_ON_START=true`` first (``tests/conftest.py`` does), or that
+  database is never migrated ("no such table"). The cheapest path is a running server: with
   ``PREFECT_API_URL`` set, no temporary API is started at all (README, "Running single flows
   by hand").
 
