@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import (ConfigError, CorruptImageError, EmptyTextError, InputDataError,
                              MissingImageError, UnknownItemError)
-from pipeline.ingest_io import read_csv_raw, sha256_file, verify_image
+from pipeline.ingest_io import setting_error, read_csv_raw, sha256_file, verify_image
 from pipeline.ingest_rules import Duplicates, apply_duplicates, k_core, parse_timestamps
 from pipeline.ingest_presets import PRESETS
 from stores.tables import item_text, write_tables
@@ -103,10 +103,7 @@ class IngestConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"]) or "IngestConfig"
-            raise ConfigError(f"IngestConfig setting {name}: {err['msg']} "
-                              f"(got {err.get('input')!r})") from exc
+            raise setting_error(exc, "IngestConfig setting", "IngestConfig") from exc
 
 
 # ----------------------------------------------------------------------- small helpers

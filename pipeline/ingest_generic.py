@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import (ConfigError, CorruptImageError, EmptyTextError, InputDataError,
                              MissingImageError, UnknownItemError)
-from pipeline.ingest_io import Format, read_table_file, sha256_file, verify_image
+from pipeline.ingest_io import setting_error, Format, read_table_file, sha256_file, verify_image
 from pipeline.ingest_rules import DataRules, apply_rules, parse_int_ids, parse_timestamps
 from stores.tables import write_tables
 
@@ -103,10 +103,7 @@ class GenericIngestConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"]) or "GenericIngestConfig"
-            raise ConfigError(f"ingest setting {name}: {err['msg']} "
-                              f"(got {err.get('input')!r})") from exc
+            raise setting_error(exc, "ingest setting", "GenericIngestConfig") from exc
         if not self.text_cols:
             raise ConfigError("ingest setting text_cols: give at least one item text column")
         if self.text_template is not None:

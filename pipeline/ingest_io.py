@@ -11,12 +11,15 @@ import csv
 import hashlib
 import io
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 from PIL import Image
 
-from pipeline.errors import CorruptImageError, InputDataError, MissingImageError
+from pipeline.errors import ConfigError, CorruptImageError, InputDataError, MissingImageError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 Format = Literal["auto", "csv", "tsv", "parquet", "jsonl"]
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".parquet": "parquet",
@@ -183,3 +186,12 @@ def verify_image(path: Path, item_id: int | str | None = None) -> str:
         raise CorruptImageError(f"cannot decode image: {type(exc).__name__}: {exc}",
                                 path=path, item_id=item_id) from exc
     return hashlib.sha256(data).hexdigest()
+
+
+def setting_error(exc: "ValidationError", prefix: str, model: str) -> ConfigError:
+    """One-line :class:`ConfigError` for the first error of a pydantic ``ValidationError``:
+    ``"<prefix> <field>: <message> (got <value>)"``, the field being ``model`` for a
+    model-level error (shared by the ingest configs)."""
+    err = exc.errors()[0]
+    name = ".".join(str(p) for p in err["loc"]) or model
+    return ConfigError(f"{prefix} {name}: {err['msg']} (got {err.get('input')!r})")
