@@ -21,6 +21,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # migrated: keep the check on for the tests (set before any flow module is imported)
 os.environ.setdefault("PREFECT_API_DATABASE_MIGRATE_ON_START", "true")
 
+# Prefect configures its logging once per process, on the first import of ``prefect.main``
+# (any flow module), and binds its console handler to the sys.stderr of that moment. If that
+# first import happened inside a test using ``capsys`` (tests/test_cli.py), the handler kept
+# capsys's stream, closed after that test, and every later flow run failed in its first log
+# line (RecursionError through logging's error handler). Import it here, once, while
+# sys.stderr is the session's own stream.
+import flows._prefect_start  # noqa: E402,F401  (before prefect, as every flow script does)
+import prefect.main  # noqa: E402,F401
+
 
 def make_slice(dest: Path, n_users: int = 12, n_items: int = 40) -> Path:
     """Copy the n_items most-rated items and the n_users most active users among them.
