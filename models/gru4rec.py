@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
+from .rng import Dropout
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class GRU4Rec(SequenceEncoder):
     def __init__(self, cfg: GRU4RecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.n_layers, batch_first=True,
                           bias=True)
         self.dense = nn.Linear(cfg.hidden, cfg.hidden)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from mmcache.errors import ConfigError
 
 from .dtl import check_widths
+from .rng import Dropout
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class LinearFusionEncoder(nn.Module):
                        for m in ("text", "image")}
         self.proj = nn.Linear(self.widths["text"] * bool(cfg.text_dim)
                               + self.widths["image"] * bool(cfg.image_dim), cfg.out_dim)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, text_h: Tensor | None, image_h: Tensor | None) -> Tensor:
         """text_h: (N, Lt, Dt) or None; image_h: (N, Li, Di) or None -> (N, out_dim).

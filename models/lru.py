@@ -53,6 +53,7 @@ from mmcache.errors import ConfigError
 
 from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
+from .rng import Dropout
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class LRULayer(nn.Module):
             _trunc_normal_(lin.weight, c.init_std)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
-        self.drop = nn.Dropout(c.lru_dropout)
+        self.drop = Dropout(c.lru_dropout)
 
     def eigen(self) -> tuple[Tensor, Tensor]:
         """(lambda (H,) complex64, gamma (H,) float32)."""
@@ -195,7 +196,7 @@ class LRUBlock(nn.Module):
         for lin in (self.gate, self.w1, self.w2):
             _trunc_normal_(lin.weight, c.init_std)
             nn.init.zeros_(lin.bias)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
 
     def ffn(self, x: Tensor) -> Tensor:
         """x: (..., D) -> (..., D): Dropout(W_2(SiLU(W_g LN x) * Dropout(W_1 LN x)))."""
@@ -225,7 +226,7 @@ class LRURec(SequenceEncoder):
     def __init__(self, cfg: LRUConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(LRUBlock(cfg) for _ in range(cfg.n_layers))
 
     @property

@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcache.errors import ConfigError
 
 from .common import require_fractions, require_ints
 from .dtl import RowDTL, check_widths, mixed
+from .rng import Dropout, attention
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ class _Block(nn.Module):
         self.n_heads, self.p = n_heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout),
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), Dropout(dropout),
                                  nn.Linear(4 * d, d))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """x: (N, T, d); keep: (N, T) bool, False = a padding token no one attends to, or
@@ -150,8 +150,7 @@ class _Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(N, T, 3, self.n_heads, d // self.n_heads) \
             .permute(2, 0, 3, 1, 4)  # each (N, heads, T, d/heads)
         mask = keep[:, None, None, :] if keep is not None else None  # (N, 1, 1, T)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.p if self.training else 0.0)
+        a = attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(N, T, d)))  # (N, T, d)
         return x + self.drop(self.ffn(self.ln2(x)))
 

@@ -69,6 +69,7 @@ from mmcache.errors import ConfigError
 
 from .dtl import RowDTL, check_widths, mixed
 from .layerdrop import versa_pairing
+from .rng import Dropout
 
 GATE_TEMPERATURE = 0.1
 
@@ -94,7 +95,7 @@ class SANB(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
         self.down, self.up = nn.Linear(d, r), nn.Linear(r, d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         for lin in (self.down, self.up):
             nn.init.normal_(lin.weight, 0.0, 0.01)
             nn.init.zeros_(lin.bias)

@@ -47,6 +47,7 @@ from mmcache.errors import ConfigError
 from .common import (SequenceEncoder, check_sequence_inputs, init_normal_, require_fractions,
                      require_ints)
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
+from .rng import Dropout, attention
 
 
 @dataclass(frozen=True)
@@ -124,16 +125,15 @@ class _Block(nn.Module):
         self.ln2 = nn.LayerNorm(d, eps=c.layer_norm_eps)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ffn = nn.Sequential(nn.Linear(d, c.inner_mult * d), nn.GELU(),
-                                 nn.Dropout(c.dropout), nn.Linear(c.inner_mult * d, d))
-        self.drop = nn.Dropout(c.dropout)
+                                 Dropout(c.dropout), nn.Linear(c.inner_mult * d, d))
+        self.drop = Dropout(c.dropout)
 
     def forward(self, h: Tensor, allowed: Tensor) -> Tensor:
         """h: (B, L, D); allowed: (B, 1, L, L) bool, True = query i may read key j."""
         B, L, D = h.shape
         q, k, v = self.qkv(self.ln1(h)).view(B, L, 3, self.n_heads, D // self.n_heads) \
             .permute(2, 0, 3, 1, 4)  # each (B, H, L, D/H)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.p_attn if self.training else 0.0)
+        a = attention(q, k, v, attn_mask=allowed, dropout_p=self.p_attn if self.training else 0.0)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D)))  # (B, L, D)
         return h + self.drop(self.ffn(self.ln2(h)))
 
@@ -147,7 +147,7 @@ class SASRec(SequenceEncoder):
         self.pos = nn.Embedding(cfg.max_len, cfg.hidden)
         self.ln_in = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.ln_out = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         init_normal_(self, cfg.init_std)
 
@@ -176,7 +176,7 @@ class _MatryoshkaBlock(nn.Module):
         self.q, self.k, self.v, self.proj = (MatryoshkaLinear(sizes) for _ in range(4))
         self.up = MatryoshkaLinear(sizes, out_mult=c.inner_mult)
         self.down = MatryoshkaLinear(sizes, in_mult=c.inner_mult)
-        self.drop, self.ffn_drop = nn.Dropout(c.dropout), nn.Dropout(c.dropout)
+        self.drop, self.ffn_drop = Dropout(c.dropout), Dropout(c.dropout)
 
     def _heads(self, t: Tensor) -> Tensor:
         """(B, L, w) -> (B, H, L, w/H), head h = features d with d mod H == h."""
@@ -189,7 +189,7 @@ class _MatryoshkaBlock(nn.Module):
         q, k, v = self.q(z), self.k(z), self.v(z)  # each (B, L, D)
         outs, prev = [], 0
         for s in self.sizes:
-            a = F.scaled_dot_product_attention(
+            a = attention(
                 self._heads(q[..., :s]), self._heads(k[..., :s]), self._heads(v[..., prev:s]),
                 attn_mask=allowed, dropout_p=self.p_attn if self.training else 0.0)
             # (B, H, L, (s - prev)/H) -> (B, L, s - prev), back to the strided feature order
@@ -209,7 +209,7 @@ class _MatryoshkaBlock(nn.Module):
         new.sizes, new.n_heads, new.p_attn = self.sizes[:k + 1], self.n_heads, self.p_attn
         for name in ("ln1", "ln2", "q", "k", "v", "proj", "up", "down"):
             setattr(new, name, getattr(self, name).extract(k))
-        new.drop, new.ffn_drop = nn.Dropout(self.drop.p), nn.Dropout(self.ffn_drop.p)
+        new.drop, new.ffn_drop = Dropout(self.drop.p), Dropout(self.ffn_drop.p)
         return new
 
 
@@ -232,7 +232,7 @@ class MatryoshkaSASRec(SequenceEncoder):
         self.pos = nn.Embedding(cfg.max_len, cfg.hidden)
         self.ln_in = MatryoshkaLayerNorm(self._sizes, cfg.layer_norm_eps)
         self.ln_out = MatryoshkaLayerNorm(self._sizes, cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_MatryoshkaBlock(cfg, self._sizes)
                                     for _ in range(cfg.n_layers))
         init_normal_(self, cfg.init_std)

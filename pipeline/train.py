@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.lora import apply_lora, lora_parameters, merge_lora
 from models.losses import CICHead, bpr_loss, popularity_log_prob, sample_negatives
 from models.matryoshka import effective_params
+from models.rng import run_generators, seeded_init
 from models.vbpr import VBPR
 from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
@@ -340,25 +341,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg.check()
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     tables = read_tables(cfg.tables_dir)
     items = tables.items.sort_values("item_id")
     item_ids = items["item_id"].to_numpy()
     split = build_split(tables.interactions, item_ids)
     text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     dev = torch.device(cfg.device)
-    model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
-                        row_widths(specs), tower_layers(cfg, specs))
-    lora_info: dict[str, Any] = {}
-    if cfg.lora_from is not None:
-        base = _base_checkpoint(cfg)
-        model.load_state_dict(load_file(str(base / "model.safetensors")))
-        model.requires_grad_(False)
-        apply_lora(model.seq_model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
-        lora_info = {"lora_from": str(base), "lora_params": lora_parameters(model)}
+    # the run's own random streams: initial weights under its seed (not racing other runs'
+    # threads for torch's global generator), dropout masks from run_generators below
+    with seeded_init(cfg.seed):
+        model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
+                            row_widths(specs), tower_layers(cfg, specs))
+        lora_info: dict[str, Any] = {}
+        if cfg.lora_from is not None:
+            base = _base_checkpoint(cfg)
+            model.load_state_dict(load_file(str(base / "model.safetensors")))
+            model.requires_grad_(False)
+            apply_lora(model.seq_model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+            lora_info = {"lora_from": str(base), "lora_params": lora_parameters(model)}
+        cic = (CICHead(cfg.hidden, cfg.hidden, cfg.cic_dim, cfg.cic_temperature)
+               if cfg.cic_weight > 0 else None)
     model.to(dev)
-    cic = (CICHead(cfg.hidden, cfg.hidden, cfg.cic_dim, cfg.cic_temperature).to(dev)
-           if cfg.cic_weight > 0 else None)
+    if cic is not None:
+        cic.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params + (list(cic.parameters()) if cic else []), lr=cfg.lr,
@@ -394,7 +399,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     epochs_bar = progress.bar(cfg.max_epochs, cfg.name, unit="epoch")
     stopped: str | None = None
     t_loop = time.perf_counter()
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, run_generators(cfg.seed):
         for epoch in range(1, cfg.max_epochs + 1):
             te = time.perf_counter()
             model.train()
