@@ -24,7 +24,10 @@ from stores.integrity import CHECKSUM_ARRAY, checksum
 from stores.spec import shard_digest
 
 _MAX_U64 = np.uint64(2**64 - 1)
-_THREADS_FROM_BYTES = 256 << 20  # loads at least this big read shards with several threads
+# loads at least this big read shards with several threads: a verified 215 MB load took
+# 1.54x numpy.load on one thread, 1.30x on two (2 cores; benchmarks/README.md, bench_store);
+# a 20 MB one gains nothing (its time is the fixed cost of opening)
+_THREADS_FROM_BYTES = 32 << 20
 # madvise hints for shard maps: MADV_HUGEPAGE, MADV_POPULATE_READ (22, Linux >= 5.14)
 _MADVICE = tuple(a for a in (getattr(mmap, "MADV_HUGEPAGE", None),
                              getattr(mmap, "MADV_POPULATE_READ",
@@ -43,6 +46,7 @@ class _ShardFiles:
         self.row_shape = tuple(store.shape[1:])
         self.dtype = np.dtype(store.layout["physical_dtype"])
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self._file_parts: tuple[str, str] | None = None
         self.direct = self._direct_ok()
         self.stats = {"direct_shards": 0, "zarr_shards": 0, "verified_shards": 0}
         self._arr = None
@@ -96,8 +100,12 @@ class _ShardFiles:
                 and (enc.get("configuration") or {}).get("separator", "/") == "/")
 
     def file(self, shard: int) -> str:
-        return (f"{_local_path(self.store.path)}/hidden_states/c/{shard}/"
-                + "/".join(["0"] * len(self.row_shape)))
+        """The local path of ``shard``'s file (``<store>/hidden_states/c/<shard>/0/0``)."""
+        if self._file_parts is None:
+            self._file_parts = (f"{_local_path(self.store.path)}/hidden_states/c/",
+                                "/" + "/".join(["0"] * len(self.row_shape)))
+        head, tail = self._file_parts
+        return f"{head}{shard}{tail}"
 
     def read(self, shard: int, r0: int, r1: int, dest: np.ndarray) -> None:
         """Fill ``dest`` ((r1 - r0, *row_shape), store dtype) with rows [r0, r1), verified.
@@ -329,8 +337,8 @@ def read_rows(store: HiddenStateStore, rows: np.ndarray, layer_pos: Sequence[int
         layer_pos: positions along ``layer`` (``store.layer_positions(layers)``); None = all.
         out: optional preallocated (M, K', ...) array in the store's physical dtype.
         threads: shard files read at once on the direct path (default: min(4, CPUs) for
-            outputs of 256 MiB or more, else 1); reads release the GIL, so copies out of the
-            page cache run in parallel.
+            outputs of 32 MiB or more, else 1); copies and checksums release the GIL, so
+            shards are copied out of the page cache and verified in parallel.
     Returns:
         (M, K', D) or (M, K', T, D) in the physical dtype (uint16 bit patterns for bfloat16).
         Memory: the output plus, unless every row range is contiguous with all layers, one

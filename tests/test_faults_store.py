@@ -25,6 +25,7 @@ import pytest
 from mmcache.errors import (StoreCorruptError, StoreLockedError, StoreMismatchError,
                             StoreNotFoundError)
 from stores.hidden_states import HiddenStateStore, StoreSpec, writer
+from stores.shard_reads import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.arange(500, 540, dtype=np.int64)        # 40 items, 5 shards of 8
@@ -85,7 +86,28 @@ def every_read_path(path: Path) -> list:
             ("HiddenStateStore.read", lambda: HiddenStateStore.open(path).read()),
             ("stores.open", lambda: stores.open(path).hidden_states.values),
             ("_ShardFiles", lambda: _ShardFiles(HiddenStateStore.open(path)).read(
-                3, 24, 32, np.empty((8, K, D), np.float16)))]
+                3, 24, 32, np.empty((8, K, D), np.float16))),
+            # large loads read (and verify) shards on several threads
+            ("read_rows on 3 threads", lambda: read_rows(HiddenStateStore.open(path),
+                                                         np.arange(len(IDS))[::-1], threads=3))]
+
+
+def test_threaded_reads_equal_one_thread(tmp_path):
+    """The threaded direct path (loads of 32 MiB or more) serves what one thread serves:
+    any row order, layer subsets, every shard verified."""
+    from stores.shard_reads import _ShardFiles
+    path = tmp_path / "s.zarr"
+    data = make_store(path)
+    st = HiddenStateStore.open(path)
+    rows = np.random.default_rng(3).permutation(len(IDS))
+    for pos in (None, [3, 1]):
+        want = data[rows] if pos is None else data[rows][:, pos]
+        files = _ShardFiles(st)
+        got = read_rows(st, rows, pos, threads=3, _files=files)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(read_rows(st, rows, pos, threads=1), want)
+        assert files.stats["verified_shards"] == st.num_shards
+        assert files.stats["direct_shards"] == st.num_shards
 
 
 # ------------------------------------------------------------------ damaged shard files
