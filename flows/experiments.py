@@ -142,8 +142,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                      image_encoder: ImageEncoderName | None = "efficientnet-lite0",
                      text_store: str | None = None, image_store: str | None = None,
                      text_store_all: str | None = None, image_store_all: str | None = None,
-                     seeds: list[Seed] | None = None, max_epochs: Epochs = 20,
-                     patience: Epochs = 5, batch_size: BatchSize = 128, lr: float = 3e-3,
+                     seeds: list[Seed] | None = None, max_epochs: Epochs = 100,
+                     patience: Epochs = 10, batch_size: BatchSize = 128, lr: float = 3e-3,
                      mrl_sizes: list[int] | None = None, short_len: int = 10,
                      exclude: Exclude = "all", train: dict[str, Any] | None = None,
                      workers: int = 1, threads: int | None = 1) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
         text_store=p.text_store or _store(p.store_dir, p.text_encoder),
         image_store=p.image_store or _store(p.store_dir, p.image_encoder),
         text_store_all=p.text_store_all, image_store_all=p.image_store_all,
-        seeds=tuple(p.seeds or (1, 2)), max_epochs=p.max_epochs, patience=p.patience,
+        seeds=tuple(p.seeds or (1, 2, 3)), max_epochs=p.max_epochs, patience=p.patience,
         batch_size=p.batch_size, lr=p.lr, mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
         short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude})
     need = needed_stores(exp)

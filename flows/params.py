@@ -191,9 +191,11 @@ class ExperimentsParams(_Params):
     image_store_all: str | None = Field(None, description="image store with every hidden "
                                                           "state (default: cached)")
     seeds: list[Seed] | None = Field(None, description="one run per seed and cell "
-                                                       "(default [1, 2])")
-    max_epochs: Epochs = Field(20, description="most training epochs of every run")
-    patience: Epochs = Field(5, description="early stopping patience of every run")
+                                                       "(default [1, 2, 3])")
+    max_epochs: Epochs = Field(100, description="most training epochs of every run (high "
+                                                "enough that early stopping decides; a run "
+                                                "that stops at it is flagged)")
+    patience: Epochs = Field(10, description="early stopping patience of every run")
     batch_size: BatchSize = Field(128, description="training batch size (users)")
     lr: float = Field(3e-3, gt=0, le=1, description="learning rate")
     mrl_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(

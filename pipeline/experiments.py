@@ -46,6 +46,9 @@ from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
+from pipeline.significance import PairedTest, run_comparisons
+from pipeline.significance import markdown as significance_markdown
+from pipeline.train_runs import metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +120,18 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
           **BOTH}),
 ]}
 
+# IISAN's objective (issue 11, item 2): each IISAN ablation cell also trains with the paper's
+# in-batch debiased CE, next to full-softmax CE (`<id>-dce`; pipeline.significance pairs them)
+IISAN_DCE_CELLS = ("iisan", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
+                   "iisan-no-inter")
+for _id in IISAN_DCE_CELLS:
+    CELLS[f"{_id}-dce"] = Cell(f"{_id}-dce", f"{CELLS[_id].label}, debiased in-batch CE",
+                               {**CELLS[_id].overrides, "loss": "debiased_ce"})
+
 GRIDS: dict[str, list[str]] = {
     "modality": ["sasrec-id", "iisan-text", "iisan-image", "iisan"],
     "iisan": ["iisan", "concat", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
-              "iisan-no-inter"],
+              "iisan-no-inter", *(f"{c}-dce" for c in IISAN_DCE_CELLS)],
     "fusion": ["concat", "iisan", "qformer", "concat-text", "iisan-text", "qformer-text",
                "concat-id", "concat-id-cic", "qformer-id", "qformer-id-cic"],
     "seq": ["sasrec-id", "lru-id", "gru4rec-id", "lru-id-short", "lru-id-lora", "vbpr"],
@@ -165,9 +176,9 @@ class ExperimentConfig(BaseModel):
     image_store: Path | None = None
     text_store_all: Path | None = None
     image_store_all: Path | None = None
-    seeds: tuple[int, ...] = (1, 2)
-    max_epochs: int = Field(default=20, ge=1)
-    patience: int = Field(default=5, ge=1)
+    seeds: tuple[int, ...] = (1, 2, 3)
+    max_epochs: int = Field(default=100, ge=1)
+    patience: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     mrl_sizes: tuple[int, ...] = (16, 32, 64, 128)
@@ -297,12 +308,24 @@ def run_cell_by_id(exp: ExperimentConfig, cell_id: str, seed: int,
 # --------------------------------------------------------------------------- results
 
 RUN_COLUMNS = ["cell", "label", "seed", "size", "split", "subset", "metric", "value", "n_users",
-               "exclude", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "params"]
+               "exclude", "best_epoch", "epochs_run", "capped", "seconds", "seconds_per_epoch",
+               "params"]
 
 
-def run_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Long-format rows of one run: every size x split x subset x metric."""
+def capped(summary: dict[str, Any], exp: ExperimentConfig) -> bool:
+    """Whether a run stopped at the epoch cap rather than by early stopping: it ran
+    ``max_epochs`` epochs and its best epoch is within ``patience`` of the last (it might
+    still have improved)."""
+    return (int(summary["epochs_run"]) >= exp.max_epochs
+            and int(summary["epochs_run"]) - int(summary["best_epoch"]) < exp.patience)
+
+
+def run_rows(result: dict[str, Any], exp: ExperimentConfig | None = None
+             ) -> list[dict[str, Any]]:
+    """Long-format rows of one run: every size x split x subset x metric (``capped``: 1 if
+    the run stopped at ``exp``'s epoch cap, see :func:`capped`; 0 without ``exp``)."""
     s, m = result["summary"], result["metrics"]
+    cap = int(exp is not None and capped(s, exp))
     rows = []
     for size, per_split in m["by_size"].items():
         for split, subsets in per_split.items():
@@ -315,7 +338,7 @@ def run_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                                  "subset": subset, "metric": metric, "value": value,
                                  "n_users": metrics["n_users"], "exclude": m["exclude"],
                                  "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
-                                 "seconds": s["seconds"],
+                                 "capped": cap, "seconds": s["seconds"],
                                  "seconds_per_epoch": s["seconds_per_epoch"],
                                  "params": s.get("params_effective", s["params"])})
     return rows
@@ -344,6 +367,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "subset": subset, "metric": metric, "mean": mean, "std": std, "n": len(rs),
                     "n_users": rs[0]["n_users"], "exclude": rs[0]["exclude"],
                     "seconds": sec, "seconds_per_epoch": spe, "best_epoch": ep,
+                    "capped": sum(int(r.get("capped", 0)) for r in rs),
                     "params": rs[0]["params"]})
     return out
 
@@ -382,9 +406,11 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                 a = idx.get((c.id, size, "test", "all", "NDCG@10"))
                 if a is None:
                     continue
+                # runs that stopped at the epoch cap, not by early stopping, are flagged
+                cap = f" (at cap: {a['capped']}/{a['n']})" if a.get("capped") else ""
                 lines.append(f"| {c.label} | {size} | {get('all', 'NDCG@10')} | "
                              f"{get('all', 'HR@10')} | {get('cold', 'NDCG@10')} | "
-                             f"{get('warm', 'NDCG@10')} | {a['best_epoch']:.1f} | "
+                             f"{get('warm', 'NDCG@10')} | {a['best_epoch']:.1f}{cap} | "
                              f"{a['seconds_per_epoch']:.2f} | {a['params']:,} |")
         lines.append("")
     n_seeds = max((s["n"] for s in summary), default=0)
@@ -393,7 +419,9 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                  f"`{exp.eval.exclude}`; cold = target item with <= "
                  f"{exp.train.get('cold_threshold', 20)} training interactions "
                  f"({cold_n} of {all_n} test users). Budget: max {exp.max_epochs} epochs, "
-                 f"patience {exp.patience}, batch {exp.batch_size}, lr {exp.lr}.")
+                 f"patience {exp.patience}, batch {exp.batch_size}, lr {exp.lr}; \"at cap: "
+                 f"k/n\": k of n seeds stopped at the epoch cap with their best epoch within "
+                 f"the patience window (early stopping did not decide; raise --max-epochs).")
     return "\n".join(lines)
 
 
@@ -461,7 +489,7 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
                   seconds: float | None = None) -> dict[str, Any]:
     """Write runs.csv, results.csv, results.md and the plots; returns their paths."""
     exp.out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for res in results for r in run_rows(res)]
+    rows = [r for res in results for r in run_rows(res, exp)]
     with open(exp.out_dir / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
         w.writeheader()
@@ -478,6 +506,13 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
     md += (f" Runs: {len(results)} ({reused} reused from an earlier invocation); their "
            f"training + validation time adds up to {train_min:.1f} min")
     md += f", wall time of this invocation {seconds / 60:.1f} min." if seconds is not None else "."
+    tests = run_comparisons(per_user_files(results, exp))
+    with open(exp.out_dir / "comparisons.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(PairedTest.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(t.row() for t in tests)
+    if tests:
+        md += "\n\n#### paired tests (test split)\n\n" + significance_markdown(tests)
     (exp.out_dir / "results.md").write_text(md + "\n")
     grids = GRID_ORDER if exp.grid == "all" else (exp.grid,)
     plots = [str(plot_grid(summary, exp, g, exp.out_dir / "plots" / f"{g}.png"))
@@ -485,8 +520,23 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
     if exp.grid == "smoke":
         plots = [str(plot_grid(summary, exp, "smoke", exp.out_dir / "plots" / "smoke.png"))]
     return {"runs_csv": str(exp.out_dir / "runs.csv"),
+            "comparisons_csv": str(exp.out_dir / "comparisons.csv"),
             "results_csv": str(exp.out_dir / "results.csv"),
             "results_md": str(exp.out_dir / "results.md"), "plots": plots, "markdown": md}
+
+
+def per_user_files(results: list[dict[str, Any]], exp: ExperimentConfig
+                   ) -> dict[str, dict[int, Path]]:
+    """cell id -> seed -> that run's ``per_user-<exclude>-<repeat>.csv`` (runs that have one)."""
+    out: dict[str, dict[int, Path]] = {}
+    for r in results:
+        m = r["metrics"]
+        label = metrics_file(m["exclude"], m.get("repeat_target", exp.eval.repeat_target)
+                             )[len("metrics-"):-len(".json")]
+        f = exp.out_dir / "runs" / f"{r['cell']}-s{r['seed']}" / f"per_user-{label}.csv"
+        if f.is_file():
+            out.setdefault(r["cell"], {})[int(r["seed"])] = f
+    return out
 
 
 def popularity_breakdown(exp: ExperimentConfig) -> dict[str, Any]:

@@ -87,6 +87,15 @@ def test_experiments_flow_smoke_grid(small_tables, stores, tmp_path, monkeypatch
         md = (out / "results.md").read_text()
         assert "| popularity |" in md and "Fusion-Q-Former + item ID + CIC" in md
         assert "history exclusion `all`" in md
+        # the smoke grid's stated comparisons, paired over the same test users, seeds pooled
+        comps = list(csv.DictReader(open(out / "comparisons.csv")))
+        assert {(r["a"], r["b"]) for r in comps} == {("gru4rec-id", "sasrec-id"),
+                                                     ("lru-id-lora", "lru-id-short")}
+        n_test = {r["n_users"] for r in summary if r["split"] == "test" and r["subset"] == "all"}
+        assert all({r["n_users"]} == n_test and r["seeds"] == "1 2" for r in comps)
+        assert all(0.0 < float(r["p"]) <= 1.0 and float(r["ci_low"]) <= float(r["ci_high"])
+                   for r in comps)
+        assert "#### paired tests (test split)" in md
         png = Path(res["plots"][0])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # cold + warm users partition the test users
