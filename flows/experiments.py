@@ -170,7 +170,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
         text_store_all=p.text_store_all, image_store_all=p.image_store_all,
         seeds=tuple(p.seeds or (1, 2, 3)), max_epochs=p.max_epochs, patience=p.patience,
         batch_size=p.batch_size, lr=p.lr, mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
-        short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude})
+        short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude},
+        runs_in_parallel=p.workers > 1)
     need = needed_stores(exp)
     update = {}
     for key, enc in (("text_store_all", p.text_encoder), ("image_store_all", p.image_encoder)):

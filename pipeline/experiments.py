@@ -165,6 +165,8 @@ class ExperimentConfig(BaseModel):
         train: further TrainConfig fields applied to every cell before the cell's own
             overrides (e.g. ``{"adapter_dim": 8}`` for a tiny test run).
         eval: evaluation settings (history-exclusion rule reported with every number).
+        runs_in_parallel: the runs share the machine (several workers): time per epoch is
+            then not reported (issue 11: measured with one run at a time, or dropped).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -185,6 +187,7 @@ class ExperimentConfig(BaseModel):
     short_len: int = Field(default=10, ge=2)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: EvalConfig = EvalConfig()
+    runs_in_parallel: bool = False
 
 
 def grid_cells(exp: ExperimentConfig) -> list[Cell]:
@@ -386,6 +389,9 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                    and s["subset"] == "cold"), None)
     all_n = next((s["n_users"] for s in summary if s["split"] == "test"
                   and s["subset"] == "all"), None)
+    def spe(a: dict[str, Any]) -> str:  # time per epoch: only from one run at a time
+        return "-" if exp.runs_in_parallel else f"{a['seconds_per_epoch']:.2f}"
+
     for g in grids:
         sub = exp.model_copy(update={"grid": g})
         cells = grid_cells(sub)
@@ -411,7 +417,7 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                 lines.append(f"| {c.label} | {size} | {get('all', 'NDCG@10')} | "
                              f"{get('all', 'HR@10')} | {get('cold', 'NDCG@10')} | "
                              f"{get('warm', 'NDCG@10')} | {a['best_epoch']:.1f}{cap} | "
-                             f"{a['seconds_per_epoch']:.2f} | {a['params']:,} |")
+                             f"{spe(a)} | {a['params']:,} |")
         lines.append("")
     n_seeds = max((s["n"] for s in summary), default=0)
     lines.append(f"Test split, full ranking over all items, leave-one-out; mean ± sample std "
@@ -421,7 +427,9 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                  f"({cold_n} of {all_n} test users). Budget: max {exp.max_epochs} epochs, "
                  f"patience {exp.patience}, batch {exp.batch_size}, lr {exp.lr}; \"at cap: "
                  f"k/n\": k of n seeds stopped at the epoch cap with their best epoch within "
-                 f"the patience window (early stopping did not decide; raise --max-epochs).")
+                 f"the patience window (early stopping did not decide; raise --max-epochs)."
+                 + (" s/epoch: not reported, the runs shared the machine (--workers 1 "
+                    "measures it)." if exp.runs_in_parallel else ""))
     return "\n".join(lines)
 
 

@@ -142,3 +142,28 @@ def test_runs_at_the_epoch_cap_are_flagged(tmp_path):
     assert capped({"epochs_run": 20, "best_epoch": 16}, exp)
     assert not capped({"epochs_run": 20, "best_epoch": 15}, exp)  # early stopping decided
     assert not capped({"epochs_run": 12, "best_epoch": 12}, exp)  # stopped otherwise
+
+
+def _result(cell: str, seed: int, epochs_run: int, best_epoch: int) -> dict:
+    metrics = {"NDCG@10": 0.05 + 0.01 * seed, "HR@10": 0.1, "n_users": 5}
+    return {"cell": cell, "label": cell, "seed": seed,
+            "summary": {"best_epoch": best_epoch, "epochs_run": epochs_run, "seconds": 10.0,
+                        "seconds_per_epoch": 2.5, "params": 100},
+            "metrics": {"exclude": "all", "by_size": {"64": {"test": {"all": metrics}}}}}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_tables_flag_capped_seeds_and_drop_shared_timings(tmp_path, parallel):
+    from pipeline.experiments import ExperimentConfig, markdown_tables, run_rows, summarize
+    exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path, max_epochs=20,
+                           patience=5, runs_in_parallel=parallel)
+    results = [_result("sasrec-id", 1, 20, 19), _result("sasrec-id", 2, 14, 9),
+               _result("gru4rec-id", 1, 12, 7), _result("gru4rec-id", 2, 15, 10)]
+    md = markdown_tables(summarize([r for res in results for r in run_rows(res, exp)]), "seq",
+                         exp)
+    row = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 14.0 (at cap: 1/2) |" in row["SASRec, item ID"]
+    assert "at cap" not in row["GRU4Rec, item ID"]
+    assert ("| - | 100 |" in row["GRU4Rec, item ID"]) == parallel
+    assert ("| 2.50 | 100 |" in row["GRU4Rec, item ID"]) == (not parallel)
+    assert ("s/epoch: not reported" in md) == parallel
