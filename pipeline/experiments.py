@@ -108,7 +108,11 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("qformer-id-cic", "Fusion-Q-Former + item ID + CIC",
          {"item_encoder": "qformer", "use_id": True, "cic_weight": 0.1, **BOTH}),
     Cell("lru-id", "LRURec, item ID", {"seq_model": "lru"}),
-    Cell("gru4rec-id", "GRU4Rec, item ID", {"seq_model": "gru4rec"}),
+    # GRU4Rec as RecBole trains it: embedding dropout 0.3 (its default). At the grid's lr
+    # 3e-3 / batch 128 it sits on a popularity plateau (validation ~ popularity) for ~20
+    # epochs, how long depends on the seed, so early stopping waits 30 epochs
+    Cell("gru4rec-id", "GRU4Rec, item ID", {"seq_model": "gru4rec", "dropout": 0.3,
+                                            "min_epochs": 30}),
     Cell("lru-id-short", "LRURec, item ID, short windows (LoRA base)",
          {"seq_model": "lru", "max_len": "@short"}),
     Cell("lru-id-lora", "LRURec short + LoRA on full windows (EM3)",

@@ -131,6 +131,9 @@ class TrainConfig(BaseModel):
         lr, weight_decay, batch_size: AdamW settings; batch_size in training windows (VBPR:
             ``batch_size * max_len`` pairs).
         max_epochs, patience, monitor: early stopping on validation (in epochs).
+        min_epochs: early stopping never stops before this epoch (GRU4Rec sits on a
+            popularity plateau for its first ~20 epochs, seed-dependent, before the
+            sequence signal lifts validation; patience alone stopped some seeds there).
         valid_every: validate every this many epochs (patience still counts epochs; the
             last epoch is always validated).
         valid_users: validate during training on this fixed random sample of users (None:
@@ -198,6 +201,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=64, ge=1)
     max_epochs: int = Field(default=100, ge=1)
     patience: int = Field(default=10, ge=1)
+    min_epochs: int = Field(default=1, ge=1)
     monitor: str = "NDCG@10"
     valid_every: int = Field(default=1, ge=1)
     valid_users: int | None = Field(default=None, ge=1)
@@ -466,7 +470,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             "time budget" if stopped == "time_budget" else stopped, elapsed,
                             best_epoch)
                 break
-            if validate and not improved and epoch - best_epoch >= cfg.patience:
+            if (validate and not improved and epoch - best_epoch >= cfg.patience
+                    and epoch >= cfg.min_epochs):
                 log.info("%s: stopping early after epoch %d: no better valid %s for %d epochs "
                          "(best %.4f @ %d)", cfg.name, epoch, cfg.monitor, cfg.patience, best,
                          best_epoch)

@@ -167,3 +167,16 @@ def test_tables_flag_capped_seeds_and_drop_shared_timings(tmp_path, parallel):
     assert ("| - | 100 |" in row["GRU4Rec, item ID"]) == parallel
     assert ("| 2.50 | 100 |" in row["GRU4Rec, item ID"]) == (not parallel)
     assert ("s/epoch: not reported" in md) == parallel
+
+
+def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
+    """GRU4Rec: RecBole's embedding dropout 0.3 and an early stop that waits out the
+    popularity plateau; the settings reach each run's config (TrainConfig)."""
+    from pipeline.experiments import CELLS, ExperimentConfig, resolve
+    exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path)
+    gru = resolve(exp, CELLS["gru4rec-id"], 2)
+    assert (gru.seq_model, gru.dropout, gru.min_epochs, gru.patience, gru.max_epochs) == (
+        "gru4rec", 0.3, 30, 10, 100)
+    assert (gru.lr, gru.batch_size, gru.seed, gru.name) == (3e-3, 128, 2, "gru4rec-id-s2")
+    sas = resolve(exp, CELLS["sasrec-id"], 2)
+    assert (sas.dropout, sas.min_epochs) == (0.1, 1)   # the other cells keep the defaults

@@ -47,6 +47,15 @@ def test_time_budget_stops_after_an_epoch(small_tables, tmp_path):
     assert (tmp_path / "b" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("min_epochs", [1, 5])
+def test_early_stopping_waits_for_min_epochs(small_tables, tmp_path, min_epochs):
+    # lr ~ 0: validation never improves after epoch 1, so patience 1 stops at epoch 2 unless
+    # min_epochs holds it
+    r = train(TrainConfig(name=f"m{min_epochs}", tables_dir=small_tables, out_dir=tmp_path,
+                          max_epochs=8, patience=1, min_epochs=min_epochs, lr=1e-12, **TINY))
+    assert r["epochs_run"] == max(2, min_epochs) and r["best_epoch"] == 1
+
+
 SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
