@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # (flows/_prefect_start.py sets the same default for flows started without make)
 export PREFECT_LOGGING_EXTRA_LOGGERS := pipeline
 
-.PHONY: setup demo experiments test constraints clean
+.PHONY: setup demo experiments peer test constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
@@ -45,6 +45,28 @@ demo: setup
 experiments: setup
 	test -f outputs/demo/report.md || $(MAKE) demo
 	$(PY) flows/experiments.py --grid all --workers 2
+
+PEER_VENV := .peer-venv
+PEER_PY := $(PEER_VENV)/bin/python
+# RecBole's venv runs Python 3.11: torch 2.13.0 has a local CPU wheel for cp311 here
+PYTHON311 ?= python3.11
+
+# RecBole 1.2.1 in its own venv (it needs numpy 1.26 / pandas 2.2). --no-deps: its declared
+# dependencies pull ray, plotly and thop, which its training and evaluation never import
+$(PEER_VENV)/.installed:
+	test -x $(PEER_PY) || PYENV_VERSION=3.11.7 $(PYTHON311) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+	$(PEER_PY) -m pip install --quiet torch==2.13.0 numpy==1.26.4 pandas==2.2.3 \
+	  scipy==1.13.1 scikit-learn==1.5.2 colorlog==4.7.2 colorama==0.4.4 pyyaml==6.0.4 \
+	  tqdm==4.70.1 tabulate==0.10.0 texttable==1.7.2 psutil==7.2.2 tensorboard==2.21.0
+	$(PEER_PY) -m pip install --quiet --no-deps recbole==1.2.1
+	touch $@
+
+## make peer: RecBole 1.2.1 SASRec / GRU4Rec against ours on the demo split, scored by the
+## same metric code (benchmarks/results/peer_recbole.json; up to 4 x 15 min on 2 CPU cores)
+peer: setup $(PEER_VENV)/.installed
+	test -f outputs/demo/tables/manifest.json || $(MAKE) demo
+	$(PY) benchmarks/peer_recbole.py
 
 ## make test: the test suite
 test: setup
