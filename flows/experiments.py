@@ -10,7 +10,8 @@ Grids: ``modality``, ``iisan``, ``fusion``, ``seq``, ``mrl``, ``all``, ``smoke``
 (``--text-encoder`` / ``--image-encoder``) or given explicitly; the "without LayerDrop" cell
 needs stores with every hidden state, which the flow caches first into ``<out>/stores``
 (stage 1, encoder presets with ``layer_policy="all"``; a complete store is reused) unless
-``--text-store-all`` / ``--image-store-all`` are given.
+``--text-store-all`` / ``--image-store-all`` are given; the Fusion-Q-Former's token cells
+likewise get stores of the top block's token states (``pooling="tokens"``).
 Each (cell, seed) is one Prefect task run (``run-<cell>-s<seed>``) with its own state, logs
 and retries, submitted in the ``experiment-runs`` subflow; with ``--workers N > 1`` that
 subflow runs on Prefect's ``ProcessPoolTaskRunner`` (N worker processes, one torch thread
@@ -61,14 +62,34 @@ def all_layer_spec(preset_name: str):
                           "layer_policy": "all", "blocks": None})
 
 
+def token_spec(preset_name: str):
+    """The encoder preset keeping the token states (``pooling="tokens"``) of its top block
+    (rows: hidden state 0 and the top one), the Fusion-Q-Former's input as EM3 reads it."""
+    from pipeline.encoder_arch import architecture
+    from pipeline.encoders import EncoderSpec, preset
+    spec = preset(preset_name)
+    top = architecture(spec)["num_layers"] - 1
+    return EncoderSpec(**{**spec.model_dump(), "name": f"{spec.name}-tokens",
+                          "pooling": "tokens", "layer_policy": "explicit", "blocks": (top,)})
+
+
+def _cache(tables_dir: str, store_dir: str, spec: Any) -> str:
+    from pipeline.cache import CacheConfig, cache_all, store_path
+    cfg = CacheConfig(tables_dir=Path(tables_dir), store_dir=Path(store_dir), encoder=spec)
+    cache_all(cfg)
+    return str(store_path(cfg))
+
+
 @task(task_run_name="cache-all-layers-{preset_name}")
 def cache_all_layers_task(tables_dir: str, store_dir: str, preset_name: str) -> str:
     """Stage 1 for the "without LayerDrop" ablation: a store with every hidden state."""
-    from pipeline.cache import CacheConfig, cache_all, store_path
-    cfg = CacheConfig(tables_dir=Path(tables_dir), store_dir=Path(store_dir),
-                      encoder=all_layer_spec(preset_name))
-    cache_all(cfg)
-    return str(store_path(cfg))
+    return _cache(tables_dir, store_dir, all_layer_spec(preset_name))
+
+
+@task(task_run_name="cache-tokens-{preset_name}")
+def cache_tokens_task(tables_dir: str, store_dir: str, preset_name: str) -> str:
+    """Stage 1 for the Fusion-Q-Former's token cells: the top block's token states."""
+    return _cache(tables_dir, store_dir, token_spec(preset_name))
 
 
 def _store_unavailable(task: Any, task_run: Any, state: Any) -> bool:
@@ -174,14 +195,16 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
         runs_in_parallel=p.workers > 1)
     need = needed_stores(exp)
     update = {}
-    for key, enc in (("text_store_all", p.text_encoder), ("image_store_all", p.image_encoder)):
+    for key, enc, cache in (("text_store_all", p.text_encoder, cache_all_layers_task),
+                            ("image_store_all", p.image_encoder, cache_all_layers_task),
+                            ("text_store_tokens", p.text_encoder, cache_tokens_task),
+                            ("image_store_tokens", p.image_encoder, cache_tokens_task)):
         if key in need and getattr(exp, key) is None:
             if enc is None:
                 raise ValueError(f"grid {p.grid!r} needs {key}: give it, or the encoder preset "
                                  f"to cache it")
             # kept with the experiment's outputs, apart from the shared stores of the demo
-            update[key] = cache_all_layers_task(p.tables_dir, str(Path(p.out_dir) / "stores"),
-                                                enc)
+            update[key] = cache(p.tables_dir, str(Path(p.out_dir) / "stores"), enc)
     if update:
         exp = exp.model_copy(update={k: Path(v) for k, v in update.items()})
     cells = grid_cells(exp)

@@ -21,15 +21,22 @@ Token-level inputs (EM3 reads token states of Swin / RoBERTa): with ``text_token
 ``image_tokens`` = T > 0 the input is the cache's ``pooling="tokens"`` array (N, rows, T, dim)
 with its ``attention_mask`` (N, T): every real token of every kept layer is a modality token,
 token = norm(Linear_mod(h)) + P_mod[row] + P_tok[t] + T_mod, and padding tokens are masked out
-of every attention (they are never keys; their own outputs are never read).
+of every attention (they are never keys; their own outputs are never read). Stage 2 gives a
+token store's states and masks to this module (``pipeline.model_build``; the grid's
+``qformer-tokens`` cells read the top hidden state's tokens of each tower).
 
 Options for the collapsed-table diagnosis (issue 11, item 3; defaults = EM3 as written):
     * ``token_norm``: ``"layernorm"`` (default), ``"rms"`` (RMSNorm: scale only, the item's
       mean feature is kept) or ``"none"`` (the projection alone) on the modality tokens.
     * ``query_init``: ``"learned"`` (default, eq. 6: item-independent queries) or
-      ``"learned_plus_mean"``: each query starts as ``q_j + mean(tokens)``, the mean of the
-      item's real modality tokens, so the item signal reaches the output through the
-      residual stream and not only through attention from item-independent queries.
+      ``"learned_plus_mean"``: each query starts as ``q_j + mean_m mean(tokens_m)``, the
+      average over the item's modalities of each modality's mean real token (so 49 image
+      tokens do not outweigh 19 text tokens), and the item signal reaches the output
+      through the residual stream, not only through attention from item-independent
+      queries. Not in EM3.
+    * the item table's normalisation over the catalogue (``table_norm`` of
+      ``models.recommender.ContentItemTable``: centre, or standardize per dim), outside
+      this module because its statistics are the whole table's.
 
 Departures: BLIP-2's Q-Former uses cross-attention every second layer; EM3 (and this module)
 uses self-attention only. The default modality tokens are the per-layer pooled rows that
@@ -250,13 +257,14 @@ class FusionQFormer(nn.Module):
                                                                     device=q.device)
                                 for x, k in parts], dim=1)  # (N, Q + S)
         if c.query_init == "learned_plus_mean":
-            toks = torch.cat([x for x, _ in parts], dim=1)  # (N, S, d)
-            if keep is None:
-                mean = toks.mean(1)
-            else:
-                w = keep[:, c.n_queries:].to(toks.dtype)  # (N, S)
-                mean = (toks * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-            q = q + mean[:, None]  # (N, Q, d)
+            means = []
+            for x, k in parts:  # each modality's mean real token, then their average
+                if k is None:
+                    means.append(x.mean(1))  # (N, d)
+                else:
+                    w = k.to(x.dtype)  # (N, S_m)
+                    means.append((x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0))
+            q = q + torch.stack(means).mean(0)[:, None]  # (N, Q, d)
         x = torch.cat([q] + [x for x, _ in parts], dim=1)  # (N, Q + S, d)
         for block in self.blocks:
             x = block(x, keep)

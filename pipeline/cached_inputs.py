@@ -113,14 +113,35 @@ def load_stores(cfg: Any, tables: Any, item_ids: np.ndarray
         specs["image"] = {**s.model_dump(mode="json"),
                           "row_widths": list(_row_widths(s, cfg.image_layers))}
     dtype = getattr(torch, cfg.cache_dtype)
+    masks = token_masks(cfg, item_ids) if cfg.feature_norm == "standardize" else {}
 
     def prep(h: torch.Tensor | None, m: str) -> torch.Tensor | None:
         if h is None:
             return None
         if cfg.feature_norm == "standardize":
-            h = standardize(h, specs[m]["row_widths"])
+            h = standardize(h, specs[m]["row_widths"], masks.get(f"{m}_mask"))
         return h.to(dtype)
     return prep(text_h, "text"), prep(image_h, "image"), specs
+
+
+def token_masks(cfg: Any, item_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """``{"text_mask" / "image_mask": (N, T) bool}``: the attention masks of the run's
+    token-level stores (``pooling="tokens"``; True = a real token), rows following
+    ``item_ids``; stores of pooled rows have none (an empty dict when neither is token-level).
+
+    Raises: StoreNotFoundError; UnknownItemError for a catalogue item the store lacks.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for m in ("text", "image"):
+        store = getattr(cfg, f"{m}_store")
+        if store is None:
+            continue
+        st = HiddenStateStore.open(store)
+        if not st.layout.get("num_tokens"):
+            continue
+        mask = np.asarray(st.group["attention_mask"][:])[st.rows_for(item_ids)]  # (N, T)
+        out[f"{m}_mask"] = torch.from_numpy(mask.astype(bool))
+    return out
 
 
 def _row_widths(spec: StoreSpec, layers: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -139,14 +160,21 @@ def row_widths(specs: dict[str, Any]) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def standardize(h: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+def standardize(h: torch.Tensor, widths: Sequence[int] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-feature z-score over items, scaled to unit row norm: (N, K, D) -> (N, K, D) float32.
 
     ``(h - mean_n h) / (std_n h * sqrt(d_k))`` for every (row k, dim d), d_k the row's real
     width (``widths``; D when None); features with std < 1e-6 (e.g. a constant [CLS]
     embedding row, or the zero padding of a narrow row) are only centred, so padding stays 0.
+
+    Token states (N, K, T, D) (``pooling="tokens"``) are standardized per (row k, dim d)
+    over every item's real tokens (``mask`` (N, T), True = real; None = all real), and
+    padding tokens come out 0.
     """
     x = h.float()
+    if x.dim() == 4:
+        return _standardize_tokens(x, widths, mask)
     std = x.std(0, keepdim=True)  # (1, K, D)
     z = (x - x.mean(0, keepdim=True)) / torch.where(std < 1e-6, torch.ones_like(std), std)
     d = torch.tensor(list(widths) if widths is not None else [x.shape[-1]] * x.shape[1],
@@ -154,4 +182,17 @@ def standardize(h: torch.Tensor, widths: Sequence[int] | None = None) -> torch.T
     return z / d.sqrt().view(1, -1, *([1] * (z.dim() - 2)))  # (N, K, D)
 
 
-__all__ = ["recorded_modality", "check_store_modality", "load_cached", "load_stores", "row_widths", "standardize"]
+def _standardize_tokens(x: torch.Tensor, widths: Sequence[int] | None,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`standardize` of token states x (N, K, T, D) float32, statistics over real tokens."""
+    N, K, T, D = x.shape
+    keep = mask.bool() if mask is not None else torch.ones(N, T, dtype=torch.bool)
+    real = x.permute(0, 2, 1, 3)[keep]  # (R, K, D): every real token of every item
+    mean, std = real.mean(0), real.std(0)  # (K, D)
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)
+    z = (x - mean[:, None]) / std[:, None] * keep[:, None, :, None]  # (N, K, T, D), pads 0
+    d = torch.tensor(list(widths) if widths is not None else [D] * K, dtype=z.dtype)
+    return z / d.sqrt().view(1, K, 1, 1)
+
+
+__all__ = ["recorded_modality", "check_store_modality", "load_cached", "load_stores", "row_widths", "standardize", "token_masks"]

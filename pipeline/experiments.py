@@ -1,6 +1,7 @@
 """The seed papers' comparisons as named grids of training runs on one cache.
 
-Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run once):
+Grids (cells are :class:`pipeline.train.TrainConfig` overrides, listed in
+:mod:`pipeline.experiment_cells`; shared cells run once):
 
 * ``modality`` - ID only, text only, image only, text + image (IISAN-Versa table V, the
   LMM-encoder study's frozen-feature comparison);
@@ -9,8 +10,8 @@ Grids (cells are :class:`pipeline.train.TrainConfig` overrides; shared cells run
   LayerDrop (every hidden state: needs all-layer stores), without gates, without intra-
   and without inter-modal SANs;
 * ``fusion`` - fMRLRec concat-and-project, IISAN, EM3 Fusion-Q-Former (text + image, and
-  text only: what the image tower adds to each fusion), and content + ID tables with
-  and without EM3's CIC loss;
+  text only: what the image tower adds to each fusion; the Q-Former also on token states,
+  as EM3 feeds it), and content + ID tables with and without EM3's CIC loss;
 * ``seq`` - SASRec, LRURec, GRU4Rec on item IDs; VBPR (BPR, cached features; seed 001);
   EM3 LoRA: an LRURec trained on short windows, then frozen and continued with LoRA on the
   full windows;
@@ -36,13 +37,15 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ConfigError
+from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS,  # noqa: F401 (re-exported)
+                                       IISAN_DCE_CELLS, IMAGE, IMAGE_ALL, IMAGE_TOK, STORE_KEYS,
+                                       TEXT, TEXT_ALL, TEXT_TOK, TOP, Cell, independent_cell)
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
@@ -51,106 +54,6 @@ from pipeline.significance import markdown as significance_markdown
 from pipeline.train_runs import metrics_file
 
 log = logging.getLogger(__name__)
-
-TEXT, IMAGE, TEXT_ALL, IMAGE_ALL = "@text", "@image", "@text_all", "@image_all"
-STORE_KEYS = {TEXT: "text_store", IMAGE: "image_store", TEXT_ALL: "text_store_all",
-              IMAGE_ALL: "image_store_all"}
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One configuration of a grid.
-
-    Attributes:
-        id: unique name (run folders are ``<id>-s<seed>``). label: table / plot label.
-        overrides: TrainConfig fields; store values are the placeholders ``@text``,
-            ``@image``, ``@text_all``, ``@image_all``; ``"@mrl"`` for ``sizes`` and
-            ``"@mrl_max"`` for ``hidden`` take the experiment's Matryoshka sizes.
-        lora_base: id of the cell (same seed) whose checkpoint this cell continues with LoRA.
-    """
-
-    id: str
-    label: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    lora_base: str | None = None
-
-
-BOTH = {"text_store": TEXT, "image_store": IMAGE}
-CELLS: dict[str, Cell] = {c.id: c for c in [
-    Cell("sasrec-id", "SASRec, item ID"),
-    Cell("iisan-text", "IISAN, text only", {"item_encoder": "iisan", "text_store": TEXT}),
-    Cell("iisan-image", "IISAN, image only",
-         {"item_encoder": "iisan", "image_store": IMAGE}),
-    Cell("iisan", "IISAN, text + image", {"item_encoder": "iisan", **BOTH}),
-    Cell("concat", "concat-and-project (fMRLRec eq. 7) = frozen backbone",
-         {"item_encoder": "concat", **BOTH}),
-    Cell("iisan-no-layerdrop", "IISAN w/o LayerDrop (all hidden states)",
-         {"item_encoder": "iisan", "text_store": TEXT_ALL, "image_store": IMAGE_ALL,
-          # every row in both SANs: the inter-SAN pairs the top rows, not the Versa rows
-          "iisan_pairing": "top"}),
-    Cell("iisan-no-gates", "IISAN w/o modality gates",
-         {"item_encoder": "iisan", "use_gates": False, **BOTH}),
-    Cell("iisan-no-intra", "IISAN w/o intra-modal SAN",
-         {"item_encoder": "iisan", "use_intra": False, **BOTH}),
-    Cell("iisan-no-inter", "IISAN w/o inter-modal SAN",
-         {"item_encoder": "iisan", "use_inter": False, **BOTH}),
-    Cell("qformer", "Fusion-Q-Former (EM3)", {"item_encoder": "qformer", **BOTH}),
-    # text-only fusion rows: what the image tower adds to (or costs) each fusion
-    Cell("concat-text", "concat-and-project, text only",
-         {"item_encoder": "concat", "text_store": TEXT}),
-    Cell("qformer-text", "Fusion-Q-Former, text only",
-         {"item_encoder": "qformer", "text_store": TEXT}),
-    Cell("concat-id", "concat + item ID", {"item_encoder": "concat", "use_id": True, **BOTH}),
-    Cell("concat-id-cic", "concat + item ID + CIC",
-         {"item_encoder": "concat", "use_id": True, "cic_weight": 0.1, **BOTH}),
-    Cell("qformer-id", "Fusion-Q-Former + item ID",
-         {"item_encoder": "qformer", "use_id": True, **BOTH}),
-    Cell("qformer-id-cic", "Fusion-Q-Former + item ID + CIC",
-         {"item_encoder": "qformer", "use_id": True, "cic_weight": 0.1, **BOTH}),
-    Cell("lru-id", "LRURec, item ID", {"seq_model": "lru"}),
-    # GRU4Rec as RecBole trains it: embedding dropout 0.3 (its default). At the grid's lr
-    # 3e-3 / batch 128 it sits on a popularity plateau (validation ~ popularity) for ~20
-    # epochs, how long depends on the seed, so early stopping waits 30 epochs
-    Cell("gru4rec-id", "GRU4Rec, item ID", {"seq_model": "gru4rec", "dropout": 0.3,
-                                            "min_epochs": 30}),
-    Cell("lru-id-short", "LRURec, item ID, short windows (LoRA base)",
-         {"seq_model": "lru", "max_len": "@short"}),
-    Cell("lru-id-lora", "LRURec short + LoRA on full windows (EM3)",
-         {"seq_model": "lru"}, lora_base="lru-id-short"),
-    Cell("vbpr", "VBPR (BPR, text + image features)",
-         {"seq_model": "vbpr", "loss": "bpr", **BOTH}),
-    Cell("mrl-lru", "fMRLRec: Matryoshka LRURec, one training",
-         {"seq_model": "lru", "item_encoder": "concat", "sizes": "@mrl", "hidden": "@mrl_max",
-          **BOTH}),
-]}
-
-# IISAN's objective (issue 11, item 2): each IISAN ablation cell also trains with the paper's
-# in-batch debiased CE, next to full-softmax CE (`<id>-dce`; pipeline.significance pairs them)
-IISAN_DCE_CELLS = ("iisan", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
-                   "iisan-no-inter")
-for _id in IISAN_DCE_CELLS:
-    CELLS[f"{_id}-dce"] = Cell(f"{_id}-dce", f"{CELLS[_id].label}, debiased in-batch CE",
-                               {**CELLS[_id].overrides, "loss": "debiased_ce"})
-
-GRIDS: dict[str, list[str]] = {
-    "modality": ["sasrec-id", "iisan-text", "iisan-image", "iisan"],
-    "iisan": ["iisan", "concat", "iisan-no-layerdrop", "iisan-no-gates", "iisan-no-intra",
-              "iisan-no-inter", *(f"{c}-dce" for c in IISAN_DCE_CELLS)],
-    "fusion": ["concat", "iisan", "qformer", "concat-text", "iisan-text", "qformer-text",
-               "concat-id", "concat-id-cic", "qformer-id", "qformer-id-cic"],
-    "seq": ["sasrec-id", "lru-id", "gru4rec-id", "lru-id-short", "lru-id-lora", "vbpr"],
-    "mrl": ["mrl-lru", "@independent"],
-    "smoke": ["sasrec-id", "iisan-no-layerdrop", "qformer-id-cic", "gru4rec-id", "lru-id-lora",
-              "vbpr", "mrl-lru", "@independent"],
-}
-GRID_ORDER = ("modality", "iisan", "fusion", "seq", "mrl")
-GRIDS["all"] = [c for g in GRID_ORDER for c in GRIDS[g]]
-
-
-def independent_cell(size: int) -> Cell:
-    """An LRURec of width ``size`` trained on its own (fMRLRec's baseline for each size)."""
-    return Cell(f"lru-concat-d{size}", f"LRURec d={size}, independent",
-                {"seq_model": "lru", "item_encoder": "concat", "hidden": size, **BOTH})
 
 
 class ExperimentConfig(BaseModel):
@@ -162,6 +65,8 @@ class ExperimentConfig(BaseModel):
         text_store, image_store: the LayerDrop stores (stage 1).
         text_store_all, image_store_all: stores with every hidden state (for the
             "without LayerDrop" cell; required only by grids that contain it).
+        text_store_tokens, image_store_tokens: token-state stores (``pooling="tokens"``)
+            of the Fusion-Q-Former's token cells (required only by grids with them).
         seeds: one run per seed and cell. max_epochs, patience, batch_size, lr: shared
             training budget (every cell gets the same). mrl_sizes: Matryoshka sizes of the
             ``mrl`` grid (the independent LRURecs use the same sizes). short_len: window of
@@ -182,6 +87,8 @@ class ExperimentConfig(BaseModel):
     image_store: Path | None = None
     text_store_all: Path | None = None
     image_store_all: Path | None = None
+    text_store_tokens: Path | None = None
+    image_store_tokens: Path | None = None
     seeds: tuple[int, ...] = (1, 2, 3)
     max_epochs: int = Field(default=100, ge=1)
     patience: int = Field(default=10, ge=1)
@@ -247,6 +154,13 @@ def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
         elif v == "@short":
             v = exp.short_len
         base[k] = v
+    for m in ("text", "image"):  # "@top": the top hidden state of the (resolved) store
+        if base.get(f"{m}_layers") == TOP:
+            from stores.hidden_states import HiddenStateStore
+            if base.get(f"{m}_store") is None:
+                raise ConfigError(f"cell {cell.id!r}: {m}_layers '@top' without a {m} store")
+            top = HiddenStateStore.open(base[f"{m}_store"]).spec.layer_indices[-1]
+            base[f"{m}_layers"] = (int(top),)
     if cell.lora_base is not None:
         base["lora_from"] = lora_from
     return TrainConfig(name=f"{cell.id}-s{seed}", **base)

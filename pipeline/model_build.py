@@ -90,21 +90,41 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     return {}
 
 
+def token_counts(cfg: TrainConfig, text_h: torch.Tensor | None, image_h: torch.Tensor | None
+                 ) -> dict[str, int]:
+    """``{"text_tokens": T, "image_tokens": T'}`` of token-level states (N, K, T, D) (0 for
+    pooled rows (N, K, D)). Raises ConfigError when token states reach an encoder other
+    than the Fusion-Q-Former (IISAN, concat-and-project and VBPR read one vector per row)."""
+    out = {f"{m}_tokens": int(h.shape[2]) if h is not None and h.dim() == 4 else 0
+           for m, h in (("text", text_h), ("image", image_h))}
+    if any(out.values()) and (cfg.item_encoder != "qformer" or cfg.seq_model == "vbpr"):
+        raise ConfigError(f"{cfg.name}: a token-level store (pooling 'tokens') feeds only "
+                          f"item_encoder 'qformer', not {cfg.item_encoder!r} / "
+                          f"{cfg.seq_model!r}; use a store of pooled rows")
+    return out
+
+
 def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
                      image_h: torch.Tensor | None,
                      widths: dict[str, tuple[int, ...] | None] | None = None,
-                     towers: dict[str, Any] | None = None) -> torch.nn.Module:
+                     towers: dict[str, Any] | None = None,
+                     masks: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The configured item table: IDs, a content encoder over the cache, or content + IDs.
 
+    ``text_h`` / ``image_h``: (N, K, D) pooled rows, or (N, K, T, D) token states (the
+    Fusion-Q-Former only, as EM3 reads them) with ``masks`` ``{"text_mask" / "image_mask":
+    (N, T) bool}`` (:func:`pipeline.cached_inputs.token_masks`).
     ``widths``: :func:`row_widths` of mixed-width stores (a CNN's stages), passed to the
     content encoders (row-wise DTL, see ``models.dtl``); None for uniform rows.
     ``towers``: :func:`tower_layers` of the stores (IISAN pairing); None = rows 0..K-1.
+    Raises: ConfigError (:func:`token_counts`; the encoders' configs).
     """
     if cfg.item_encoder == "id":
         return IDItemTable(num_items, cfg.hidden)
+    tokens = token_counts(cfg, text_h, image_h)
     widths = {k: v for k, v in (widths or {}).items() if v is not None}
-    dims = dict(text_dim=text_h.shape[2] if text_h is not None else 0,
-                image_dim=image_h.shape[2] if image_h is not None else 0, **widths)
+    dims = dict(text_dim=text_h.shape[-1] if text_h is not None else 0,
+                image_dim=image_h.shape[-1] if image_h is not None else 0, **widths)
     rows = dict(text_rows=text_h.shape[1] if text_h is not None else 0,
                 image_rows=image_h.shape[1] if image_h is not None else 0)
     if cfg.item_encoder == "iisan":
@@ -115,8 +135,10 @@ def build_item_table(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | No
         enc = FusionQFormer(FusionQFormerConfig(
             **dims, **rows, d_model=cfg.qformer_dim, n_queries=cfg.qformer_queries,
             n_layers=cfg.qformer_layers, n_heads=cfg.qformer_heads, dropout=cfg.dropout,
-            out_dim=cfg.hidden))
-    table: torch.nn.Module = ContentItemTable(enc, text_h, image_h)
+            out_dim=cfg.hidden, token_norm=cfg.qformer_token_norm,
+            query_init=cfg.qformer_query_init, **tokens))
+    table: torch.nn.Module = ContentItemTable(enc, text_h, image_h, **(masks or {}),
+                                              table_norm=cfg.table_norm)
     if cfg.use_id:
         table = ContentIDItemTable(table, IDItemTable(num_items, cfg.hidden))
     return table
@@ -138,17 +160,20 @@ def vbpr_features(text_h: torch.Tensor | None, image_h: torch.Tensor | None,
 def build_model(cfg: TrainConfig, num_items: int, text_h: torch.Tensor | None,
                 image_h: torch.Tensor | None, num_users: int = 0,
                 widths: dict[str, tuple[int, ...] | None] | None = None,
-                towers: dict[str, Any] | None = None) -> torch.nn.Module:
+                towers: dict[str, Any] | None = None,
+                masks: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Item table + sequence model (a :class:`SequentialRecommender`), or VBPR.
 
     ``widths``: :func:`row_widths` of the loaded stores (None: every row full width);
-    ``towers``: :func:`tower_layers` of the stores (None: rows 0..K-1 of a K-1 block tower)."""
+    ``towers``: :func:`tower_layers` of the stores (None: rows 0..K-1 of a K-1 block tower);
+    ``masks``: attention masks of token-level stores (:func:`build_item_table`)."""
     if cfg.seq_model == "vbpr":
+        token_counts(cfg, text_h, image_h)
         return VBPR(VBPRConfig(num_users=num_users, num_items=num_items,
                                factors=cfg.vbpr_factors, visual_factors=cfg.vbpr_factors),
                     vbpr_features(text_h, image_h, widths))
     return SequentialRecommender(build_item_table(cfg, num_items, text_h, image_h, widths,
-                                                  towers), build_seq_model(cfg))
+                                                  towers, masks), build_seq_model(cfg))
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -56,7 +56,7 @@ from pipeline.metrics import metrics_from_ranks, repeat_targets
 from pipeline.train_runs import (GracefulStop, HistoryLog, metrics_file, valid_sample,
                                  write_id_map, write_per_user)
 from pipeline.split import SequenceSplit, build_split, pad_left
-from pipeline.cached_inputs import load_stores, row_widths
+from pipeline.cached_inputs import load_stores, row_widths, token_masks
 from stores.hidden_states import dump_json
 from stores.tables import key_maps, read_tables
 
@@ -76,7 +76,8 @@ ARCH_FIELDS = ("item_encoder", "use_id", "text_store", "image_store", "text_laye
                "gru_layers", "lru_r_min", "lru_r_max", "lru_state_mult", "adapter_dim",
                "use_intra", "use_inter", "use_gates", "iisan_pairing", "iisan_inter_start",
                "iisan_ungated", "iisan_without_intra", "qformer_queries", "qformer_layers",
-               "qformer_heads", "qformer_dim", "vbpr_factors")
+               "qformer_heads", "qformer_dim", "qformer_token_norm", "qformer_query_init",
+               "table_norm", "vbpr_factors")
 
 
 class TrainConfig(BaseModel):
@@ -118,7 +119,11 @@ class TrainConfig(BaseModel):
             ``inter_start`` (``zeros``, public code / ``gate``), ``ungated`` (``sum``, public
             code / ``half``) and ``without_intra`` (``inter_only``, public code /
             ``frozen_rows``).
-        qformer_queries / qformer_layers / qformer_heads / qformer_dim: Fusion-Q-Former.
+        qformer_queries / qformer_layers / qformer_heads / qformer_dim / qformer_token_norm /
+            qformer_query_init: Fusion-Q-Former (``models.qformer``; token-level stores,
+            ``pooling="tokens"``, give it every token of each read row, as EM3).
+        table_norm: a content table's normalisation over the catalogue
+            (``models.recommender.ContentItemTable``): ``none``, ``center``, ``standardize``.
         vbpr_factors: K = K' of VBPR.
         loss: ``ce`` (full softmax; averaged over sizes, fMRLRec eq. 14), ``debiased_ce``
             (IISAN eq. 6-7) or ``bpr`` (``bpr_negatives`` uniform negatives per target).
@@ -186,6 +191,9 @@ class TrainConfig(BaseModel):
     qformer_layers: int = Field(default=1, ge=1)
     qformer_heads: int = Field(default=2, ge=1)
     qformer_dim: int = Field(default=64, ge=1)
+    qformer_token_norm: Literal["layernorm", "rms", "none"] = "layernorm"
+    qformer_query_init: Literal["learned", "learned_plus_mean"] = "learned"
+    table_norm: Literal["none", "center", "standardize"] = "none"
     vbpr_factors: int = Field(default=32, ge=1)
     loss: Literal["ce", "debiased_ce", "bpr"] = "ce"
     bpr_negatives: int = Field(default=1, ge=1)
@@ -237,6 +245,9 @@ class TrainConfig(BaseModel):
         if self.use_id and not content:
             raise ConfigError("use_id adds ID embeddings to a content encoder "
                               f"(iisan, concat, qformer), not to {self.item_encoder!r}")
+        if self.table_norm != "none" and not content:
+            raise ConfigError(f"table_norm normalises a content encoder's table, not "
+                              f"item_encoder={self.item_encoder!r}")
         if self.cic_weight > 0 and not (content and self.use_id):
             raise ConfigError("cic_weight > 0 (EM3 CIC) needs a content encoder with use_id=True")
         if self.sizes is not None:
@@ -355,7 +366,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # threads for torch's global generator), dropout masks from run_generators below
     with seeded_init(cfg.seed):
         model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
-                            row_widths(specs), tower_layers(cfg, specs))
+                            row_widths(specs), tower_layers(cfg, specs), token_masks(cfg, item_ids))
         lora_info: dict[str, Any] = {}
         if cfg.lora_from is not None:
             base = _base_checkpoint(cfg)
@@ -524,7 +535,7 @@ def load_checkpoint(run_dir: Path, device: str = "cpu"
     split = build_split(tables.interactions, item_ids)
     text_h, image_h, specs = load_stores(cfg, tables, item_ids)
     model = build_model(cfg, split.num_items, text_h, image_h, len(split.user_ids),
-                        row_widths(specs), tower_layers(cfg, specs))
+                        row_widths(specs), tower_layers(cfg, specs), token_masks(cfg, item_ids))
     model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
     return cfg, model.to(device).eval(), split
 

@@ -96,6 +96,12 @@ def test_experiments_flow_smoke_grid(small_tables, stores, tmp_path, monkeypatch
         assert all(0.0 < float(r["p"]) <= 1.0 and float(r["ci_low"]) <= float(r["ci_high"])
                    for r in comps)
         assert "#### paired tests (test split)" in md
+        # the token cell read the token states of MiniLM's top block, cached by the flow
+        tok = json.loads((out / "runs" / "qformer-tokens-mean-text-s1" / "config.json").read_text())
+        assert tok["train"]["text_layers"] == [6]
+        assert tok["train"]["qformer_query_init"] == "learned_plus_mean"
+        assert Path(tok["train"]["text_store"]).parent == out / "stores"
+        assert tok["stores"]["text"]["pooling"] == "tokens"
         png = Path(res["plots"][0])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # cold + warm users partition the test users

@@ -206,8 +206,9 @@ def test_qformer_token_norm_and_query_init_options():
     grab(mean)
     mean(t, v)
     toks = seen["x"][:, 2:]  # (N, 3 + 4, d): image then text tokens
+    both = (toks[:, :3].mean(1) + toks[:, 3:].mean(1)) / 2  # each modality's mean, averaged
     torch.testing.assert_close(seen["x"][:, :2],
-                               (mean.queries + mean.type_emb[0])[None] + toks.mean(1)[:, None])
+                               (mean.queries + mean.type_emb[0])[None] + both[:, None])
     # with a mask the mean is over real tokens only
     th, mask = _token_states(n=3, rows=4, T=2)
     mt = FusionQFormer(FusionQFormerConfig(**{**cfg, "text_tokens": 2},
@@ -218,7 +219,8 @@ def test_qformer_token_norm_and_query_init_options():
     keep = torch.cat([torch.ones(3, 3, dtype=torch.bool),
                       mask[:, None].expand(-1, 4, -1).reshape(3, 8)], 1)
     toks = x[:, 2:]
-    want = (toks * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    w = keep[:, 3:].float()  # the text tokens' mask (N, 8)
+    want = (toks[:, :3].mean(1) + (toks[:, 3:] * w[..., None]).sum(1) / w.sum(1, keepdim=True)) / 2
     torch.testing.assert_close(x[:, :2], (mt.queries + mt.type_emb[0])[None] + want[:, None])
     for kw in (dict(token_norm="batch"), dict(query_init="zeros"), dict(text_tokens=-1)):
         with pytest.raises(ConfigError):
