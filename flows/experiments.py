@@ -11,7 +11,8 @@ Grids: ``modality``, ``iisan``, ``fusion``, ``seq``, ``mrl``, ``all``, ``smoke``
 needs stores with every hidden state, which the flow caches first into ``<out>/stores``
 (stage 1, encoder presets with ``layer_policy="all"``; a complete store is reused) unless
 ``--text-store-all`` / ``--image-store-all`` are given; the Fusion-Q-Former's token cells
-likewise get stores of the top block's token states (``pooling="tokens"``).
+likewise get stores of the top block's token states (``pooling="tokens"``) unless
+``--text-store-tokens`` / ``--image-store-tokens`` are given.
 Each (cell, seed) is one Prefect task run (``run-<cell>-s<seed>``) with its own state, logs
 and retries, submitted in the ``experiment-runs`` subflow; with ``--workers N > 1`` that
 subflow runs on Prefect's ``ProcessPoolTaskRunner`` (N worker processes, one torch thread
@@ -163,6 +164,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                      image_encoder: ImageEncoderName | None = "efficientnet-lite0",
                      text_store: str | None = None, image_store: str | None = None,
                      text_store_all: str | None = None, image_store_all: str | None = None,
+                     text_store_tokens: str | None = None,
+                     image_store_tokens: str | None = None,
                      seeds: list[Seed] | None = None, max_epochs: Epochs = 100,
                      patience: Epochs = 10, batch_size: BatchSize = 128, lr: float = 3e-3,
                      mrl_sizes: list[int] | None = None, short_len: int = 10,
@@ -178,6 +181,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                           text_encoder=text_encoder, image_encoder=image_encoder,
                           text_store=text_store, image_store=image_store,
                           text_store_all=text_store_all, image_store_all=image_store_all,
+                          text_store_tokens=text_store_tokens,
+                          image_store_tokens=image_store_tokens,
                           seeds=seeds, max_epochs=max_epochs, patience=patience,
                           batch_size=batch_size, lr=lr, mrl_sizes=mrl_sizes,
                           short_len=short_len, exclude=exclude, train=train, workers=workers,
@@ -189,6 +194,7 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
         text_store=p.text_store or _store(p.store_dir, p.text_encoder),
         image_store=p.image_store or _store(p.store_dir, p.image_encoder),
         text_store_all=p.text_store_all, image_store_all=p.image_store_all,
+        text_store_tokens=p.text_store_tokens, image_store_tokens=p.image_store_tokens,
         seeds=tuple(p.seeds or (1, 2, 3)), max_epochs=p.max_epochs, patience=p.patience,
         batch_size=p.batch_size, lr=p.lr, mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
         short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude},
@@ -233,7 +239,8 @@ def metrics_table_rows(results_csv: Path) -> list[dict[str, Any]]:
 
 
 STORE_SLOTS = {"text_store": "text", "image_store": "image", "text_store_all": "text",
-               "image_store_all": "image"}
+               "image_store_all": "image", "text_store_tokens": "text",
+               "image_store_tokens": "image"}
 """Store fields of :class:`ExperimentsParams` and the modality each must hold."""
 
 

@@ -190,6 +190,11 @@ class ExperimentsParams(_Params):
                                                          "(default: cached into out_dir/stores)")
     image_store_all: str | None = Field(None, description="image store with every hidden "
                                                           "state (default: cached)")
+    text_store_tokens: str | None = Field(None, description="text store of token states "
+                                          "(pooling 'tokens') for the Fusion-Q-Former's token "
+                                          "cells (default: cached into out_dir/stores)")
+    image_store_tokens: str | None = Field(None, description="image store of token states "
+                                           "(default: cached)")
     seeds: list[Seed] | None = Field(None, description="one run per seed and cell "
                                                        "(default [1, 2, 3])")
     max_epochs: Epochs = Field(100, description="most training epochs of every run (high "

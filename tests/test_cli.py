@@ -152,6 +152,9 @@ def test_experiments_refuses_a_store_of_the_wrong_modality(image_store, capsys):
     from flows.experiments import main
     line = _one_error_line(capsys, main, ["--grid", "smoke", "--text-store-all", str(image_store)])
     assert f"argument --text-store-all: store {image_store} holds 'image'" in line, line
+    line = _one_error_line(capsys, main, ["--grid", "fusion", "--text-store-tokens",
+                                          str(image_store)])
+    assert f"argument --text-store-tokens: store {image_store} holds 'image'" in line, line
 
 
 def test_store_modality_is_read_from_the_stage1_record(image_store, tmp_path):
