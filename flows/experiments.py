@@ -166,7 +166,7 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                      text_store_all: str | None = None, image_store_all: str | None = None,
                      text_store_tokens: str | None = None,
                      image_store_tokens: str | None = None,
-                     seeds: list[Seed] | None = None, max_epochs: Epochs = 100,
+                     seeds: list[Seed] | None = None, max_epochs: Epochs = 200,
                      patience: Epochs = 10, batch_size: BatchSize = 128, lr: float = 3e-3,
                      mrl_sizes: list[int] | None = None, short_len: int = 10,
                      exclude: Exclude = "all", train: dict[str, Any] | None = None,

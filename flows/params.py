@@ -197,7 +197,7 @@ class ExperimentsParams(_Params):
                                            "(default: cached)")
     seeds: list[Seed] | None = Field(None, description="one run per seed and cell "
                                                        "(default [1, 2, 3])")
-    max_epochs: Epochs = Field(100, description="most training epochs of every run (high "
+    max_epochs: Epochs = Field(200, description="most training epochs of every run (high "
                                                 "enough that early stopping decides; a run "
                                                 "that stops at it is flagged)")
     patience: Epochs = Field(10, description="early stopping patience of every run")

@@ -90,7 +90,7 @@ class ExperimentConfig(BaseModel):
     text_store_tokens: Path | None = None
     image_store_tokens: Path | None = None
     seeds: tuple[int, ...] = (1, 2, 3)
-    max_epochs: int = Field(default=100, ge=1)
+    max_epochs: int = Field(default=200, ge=1)
     patience: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)

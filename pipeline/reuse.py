@@ -5,7 +5,9 @@ One rule for the demo pipeline (``flows/pipeline.py``) and the experiments grid
 
 * it is finished: ``config.json``, ``model.safetensors`` and ``train_summary.json`` exist
   (and, where the caller needs metrics, a ``metrics.json`` written after the weights, for
-  the same evaluation settings);
+  the same evaluation settings), and the training ended by its own rule (early stopping,
+  the epoch cap or its time budget), not by a signal: a run stopped by SIGTERM / SIGINT
+  keeps its best checkpoint but is trained again;
 * its resolved config is unchanged: the saved ``TrainConfig`` is re-validated and compared
   with the requested one (so a field added to TrainConfig later, whose default keeps the old
   behaviour, does not invalidate finished runs; a saved config that no longer validates
@@ -229,6 +231,9 @@ def finished_run(run_dir: Path, cfg: TrainConfig, eval_cfg: EvalConfig | None = 
     if not all((run_dir / f).exists() for f in ("config.json", "model.safetensors",
                                                  "train_summary.json")):
         return Decision(False, "no finished checkpoint")
+    stopped = json.loads((run_dir / "train_summary.json").read_text()).get("stopped")
+    if stopped not in (None, "time_budget"):
+        return Decision(False, f"the training was stopped by {stopped}, not finished")
     d = same_config(run_dir, cfg)
     if not d:
         return d

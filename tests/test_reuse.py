@@ -230,3 +230,18 @@ def test_report_describes_encoders_from_store_provenance(small_tables, tmp_path)
     assert "- `sasrec-id`: checkpoint reused (config and inputs unchanged)" in md
     assert md.splitlines()[-1].startswith("- image encoder `cnn`: open_clip")
     assert "RANDOM" not in md
+
+
+def test_a_run_stopped_by_a_signal_is_not_reused(small_tables, tmp_path):
+    cfg = TrainConfig(name="sig", tables_dir=small_tables, out_dir=tmp_path, max_epochs=1,
+                      **TINY)
+    train(cfg)
+    run = tmp_path / "sig"
+    assert finished_run(run, cfg)
+    summary = run / "train_summary.json"
+    for stopped, reused in (("SIGTERM", False), ("SIGINT", False), ("time_budget", True)):
+        summary.write_text(json.dumps({**json.loads(summary.read_text()), "stopped": stopped}))
+        d = finished_run(run, cfg)
+        assert bool(d) is reused, (stopped, d.reason)
+        if not reused:
+            assert d.reason == f"the training was stopped by {stopped}, not finished"
