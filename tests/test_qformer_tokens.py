@@ -152,6 +152,9 @@ def test_token_cells_resolve_to_the_top_hidden_state_of_the_token_stores(small_t
     assert resolve(exp, CELLS["qformer-tokens-mean"], 1).image_layers == (3,)
     pooled = resolve(exp.model_copy(update={"text_store": text}), CELLS["qformer-mean-text"], 1)
     assert pooled.text_layers is None and pooled.qformer_query_init == "learned_plus_mean"
+    both = resolve(exp.model_copy(update={"text_store": text, "image_store": image}),
+                   CELLS["qformer-mean"], 1)
+    assert (both.text_store, both.image_store, both.image_layers) == (text, image, None)
     with pytest.raises(ConfigError, match="text_store_tokens"):
         resolve(exp.model_copy(update={"text_store_tokens": None}), CELLS["qformer-tokens"], 1)
 

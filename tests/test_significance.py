@@ -176,7 +176,7 @@ def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
     exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path)
     gru = resolve(exp, CELLS["gru4rec-id"], 2)
     assert (gru.seq_model, gru.dropout, gru.min_epochs, gru.patience, gru.max_epochs) == (
-        "gru4rec", 0.3, 30, 10, 100)
+        "gru4rec", 0.3, 30, 10, 200)
     assert (gru.lr, gru.batch_size, gru.seed, gru.name) == (3e-3, 128, 2, "gru4rec-id-s2")
     sas = resolve(exp, CELLS["sasrec-id"], 2)
     assert (sas.dropout, sas.min_epochs) == (0.1, 1)   # the other cells keep the defaults
