@@ -1,8 +1,8 @@
 """Stage 2: train a recommender on cached hidden states only, and evaluate it.
 
 Model assembly is in ``pipeline.model_build``, full ranking in ``pipeline.ranking`` and the
-run mechanics (history, graceful stop, id maps) in ``pipeline.train_runs``; every name is
-re-exported here.
+run mechanics (history, graceful stop, id maps) in ``pipeline.train_runs``, the training
+examples (windows, VBPR pairs) in ``pipeline.train_examples``; every name is re-exported here.
 
 No encoder is loaded here: item encoders read the stores written by stage 1
 (``stores.hidden_states``) into memory once, and every step computes the item table from
@@ -55,7 +55,7 @@ from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
 from pipeline.metrics import metrics_from_ranks, repeat_targets
 from pipeline.train_runs import (GracefulStop, HistoryLog, metrics_file, valid_sample,
                                  write_id_map, write_per_user)
-from pipeline.split import SequenceSplit, build_split, pad_left
+from pipeline.split import SequenceSplit, build_split
 from pipeline.cached_inputs import load_stores, row_widths, token_masks
 from stores.hidden_states import dump_json
 from stores.tables import key_maps, read_tables
@@ -65,6 +65,7 @@ from pipeline.model_build import (ScoreFn, build_item_table, build_model, build_
                                   describe_model, iisan_config, score_fn_for, tower_layers,
                                   vbpr_features)
 from pipeline.ranking import breakdown, rank_examples  # noqa: F401
+from pipeline.train_examples import training_pairs, training_windows  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -280,43 +281,6 @@ class TrainConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- data
-
-def training_windows(split: SequenceSplit, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-position training windows covering every training interaction once.
-
-    Each training sequence ``s`` (``split.train_sequences()``) is cut, from its end, into
-    windows of at most ``max_len + 1`` items overlapping by one item; a window ``w`` gives
-    input ``w[:-1]`` and target ``w[1:]``, left-padded with 0 to ``max_len``.
-
-    Returns:
-        inputs (W, max_len) long, targets (W, max_len) long (0 = no target).
-    Raises: ConfigError if no user has two or more training interactions.
-    """
-    ins, outs = [], []
-    for s in split.train_sequences():
-        end = len(s)
-        while end >= 2:
-            w = s[max(0, end - max_len - 1):end]
-            ins.append(w[:-1])
-            outs.append(w[1:])
-            end -= max_len
-    if not ins:
-        raise ConfigError("no user has two or more training interactions")
-    return pad_left(ins, max_len), pad_left(outs, max_len)
-
-
-def training_pairs(split: SequenceSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    """(user row, item) pairs of every training interaction, for VBPR: two (P,) long tensors."""
-    users, items = [], []
-    for u, s in enumerate(split.train_sequences()):
-        users.append(np.full(len(s), u, dtype=np.int64))
-        items.append(np.asarray(s, dtype=np.int64))
-    return torch.from_numpy(np.concatenate(users)), torch.from_numpy(np.concatenate(items))
-
-
-# models and ranking: pipeline/model_build.py, pipeline/ranking.py (re-exported here)
-
-# --------------------------------------------------------------------------- training
 
 def _base_checkpoint(cfg: TrainConfig) -> Path:
     base = Path(cfg.lora_from)  # type: ignore[arg-type]
