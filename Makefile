@@ -63,9 +63,11 @@ $(PEER_VENV)/.installed:
 	touch $@
 
 ## make peer: RecBole 1.2.1 SASRec / GRU4Rec against ours on the demo split, scored by the
-## same metric code (benchmarks/results/peer_recbole.json; up to 4 x 15 min on 2 CPU cores)
+## same metric code (benchmarks/results/peer_recbole.json; up to 4 x 15 min on 2 CPU cores);
+## it needs the demo tables only (the same ones make demo writes), not the stores
 peer: setup $(PEER_VENV)/.installed
-	test -f outputs/demo/tables/manifest.json || $(MAKE) demo
+	test -f outputs/demo/tables/manifest.json || \
+	  $(PY) -m pipeline.ingest prepare --source data/movielens-5core --out outputs/demo/tables
 	$(PY) benchmarks/peer_recbole.py
 
 ## make test: the test suite
