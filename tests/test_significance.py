@@ -171,7 +171,8 @@ def test_tables_flag_capped_seeds_and_drop_shared_timings(tmp_path, parallel):
 
 def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
     """GRU4Rec: RecBole's embedding dropout 0.3 and an early stop that waits out the
-    popularity plateau; the settings reach each run's config (TrainConfig)."""
+    popularity plateau; LRURec: its own optimiser settings (issue 11, item 4); the settings
+    reach each run's config (TrainConfig)."""
     from pipeline.experiments import CELLS, ExperimentConfig, resolve
     exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path)
     gru = resolve(exp, CELLS["gru4rec-id"], 2)
@@ -180,3 +181,12 @@ def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
     assert (gru.lr, gru.batch_size, gru.seed, gru.name) == (3e-3, 128, 2, "gru4rec-id-s2")
     sas = resolve(exp, CELLS["sasrec-id"], 2)
     assert (sas.dropout, sas.min_epochs) == (0.1, 1)   # the other cells keep the defaults
+    assert (sas.lr, sas.batch_size, sas.weight_decay) == (3e-3, 128, 0.0)
+    # LRURec: its own AdamW settings (lr 1e-3, batch 64, weight decay 0.01), dropout 0.3,
+    # min_epochs 30; the LoRA pair (short-window base, LoRA on full windows) trains alike
+    for cid in ("lru-id", "lru-id-short", "lru-id-lora"):
+        lru = resolve(exp, CELLS[cid], 1)
+        assert (lru.seq_model, lru.lr, lru.batch_size, lru.weight_decay, lru.dropout,
+                lru.min_epochs, lru.patience) == ("lru", 1e-3, 64, 0.01, 0.3, 30, 10), cid
+    assert resolve(exp, CELLS["lru-id-short"], 1).max_len == exp.short_len
+    assert resolve(exp, CELLS["lru-id"], 1).max_len == 50
