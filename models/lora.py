@@ -13,7 +13,8 @@ merged model has exactly the original architecture and ``state_dict`` keys.
 
 Default targets: every ``nn.Linear`` of the sequence model's blocks (SASRec: ``qkv``,
 ``proj``, ``ffn.0``, ``ffn.3``; LRURec: ``in_re``, ``in_im``, ``out_re``, ``out_im``,
-``gate``, ``w1``, ``w2``; GRU4Rec: ``dense``). Departure: LoRA is refused on Matryoshka-nested
+``gate``, ``w1``, ``w2``, of which LRURec's own block (``block="lrurec"``) has no ``gate``;
+GRU4Rec: ``dense``). Departure: LoRA is refused on Matryoshka-nested
 layers (the low-rank update would not respect the staircase mask).
 Errors: ConfigError.
 """

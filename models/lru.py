@@ -33,8 +33,14 @@ Where this departs from the public codes:
     * Padding: the public scan pads L to a power of two and blocks the carry out of padded
       positions; here the scan works for any L and the input ``b_t`` is zeroed at padding
       positions. For LEFT-padded sequences both give the same states at real positions.
-    * Block layout follows fMRLRec (pre-LN, residual, gated SiLU FFN of width D, no final
-      LayerNorm); LRURec's post-LN block with a GELU FFN of width 4D is not reproduced.
+    * Block layout: fMRLRec's by default (pre-LN, residual, gated SiLU FFN of width D, no
+      final LayerNorm). ``block="lrurec"`` is LRURec's own (public ``model/lru.py``):
+          x = LN(x + Dropout(LRU(x)))                        (post-LN around the LRU)
+          x = LN(x + Dropout(W_2 Dropout(GELU(W_1 x))))      (FFN of width 4 D)
+      after an input ``LN(Dropout(E x))``; LRURec also uses H = 2 D (``state_mult=2``).
+      Not reproduced from LRURec: its per-item output bias, the gradient clipping at norm 5
+      and the truncated-normal init of the biases (zeros here). No Matryoshka nesting for
+      this block (fMRLRec's staircase applies to its own block only).
     * Defaults: state width H = D (fMRLRec; LRURec uses 2 D) and ring radii
       [0.8, 0.99] (LRURec's long memory; fMRLRec's best on Amazon was [0.0 or 0.1, +0.1]).
 
@@ -43,6 +49,7 @@ Shapes: B batch, L positions, D model width, H state width. Errors: ConfigError.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -54,6 +61,9 @@ from mmcache.errors import ConfigError
 from .common import SequenceEncoder, check_sequence_inputs, require_fractions, require_ints
 from .matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, _check_k, check_sizes
 from .rng import Dropout
+
+
+BLOCKS = ("fmrlrec", "lrurec")
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,10 @@ class LRUConfig:
         sizes: Matryoshka sizes (ascending, last = hidden); None = (hidden,), no nesting.
         init_std: std of the truncated-normal init (+-2 std) of the linear weights.
         layer_norm_eps: LayerNorm epsilon.
-    Raises: ConfigError on invalid values.
+        block: "fmrlrec" (fMRLRec eq. 10-11, pre-LN, gated SiLU FFN of width D, nests) or
+            "lrurec" (LRURec's post-LN block with a GELU FFN of width 4 D and an input
+            LayerNorm; no nesting).
+    Raises: ConfigError on invalid values (also ``block="lrurec"`` with several sizes).
     """
 
     hidden: int = 64
@@ -81,6 +94,7 @@ class LRUConfig:
     sizes: tuple[int, ...] | None = None
     init_std: float = 0.02
     layer_norm_eps: float = 1e-6
+    block: str = "fmrlrec"
 
     def __post_init__(self) -> None:
         require_ints(self, ("hidden", "n_layers", "state_mult"))
@@ -90,6 +104,11 @@ class LRUConfig:
                               f"r_min={self.r_min}, r_max={self.r_max}")
         if self.sizes is not None:
             object.__setattr__(self, "sizes", check_sizes(self.sizes, self.hidden))
+        if self.block not in BLOCKS:
+            raise ConfigError(f"LRU block {self.block!r} is not one of {BLOCKS}")
+        if self.block == "lrurec" and len(self.all_sizes) > 1:
+            raise ConfigError(f"LRU block 'lrurec' does not nest (Matryoshka sizes "
+                              f"{self.sizes}); use block 'fmrlrec'")
 
     @property
     def all_sizes(self) -> tuple[int, ...]:
@@ -215,6 +234,37 @@ class LRUBlock(nn.Module):
         return x_t + self.ffn(x_t), h
 
 
+class LRURecBlock(nn.Module):
+    """LRURec's own block (public ``model/lru.py``): post-LN LRU and GELU FFN of width 4 D."""
+
+    def __init__(self, c: LRUConfig) -> None:
+        super().__init__()
+        D = c.hidden
+        self.lru = LRULayer(c)
+        self.ln1 = nn.LayerNorm(D, eps=c.layer_norm_eps)
+        self.ln2 = nn.LayerNorm(D, eps=c.layer_norm_eps)
+        self.w1, self.w2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+        for lin in (self.w1, self.w2):
+            _trunc_normal_(lin.weight, c.init_std)
+            nn.init.zeros_(lin.bias)
+        self.drop = Dropout(c.dropout)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        """x: (..., D) -> (..., D): LN(x + Dropout(W_2 Dropout(GELU(W_1 x))))."""
+        z = self.drop(torch.nn.functional.gelu(self.w1(x)))  # (..., 4 D)
+        return self.ln2(x + self.drop(self.w2(z)))
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """x: (B, L, D), keep: (B, L) -> (B, L, D)."""
+        x = self.ln1(x + self.lru(x, keep))  # (B, L, D); lru applies its own dropout
+        return self.ffn(x)
+
+    def step(self, x_t: Tensor, keep_t: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t: (B, D), keep_t: (B,), h: (B, H) complex -> (out_t (B, D), h_t)."""
+        y, h = self.lru.step(x_t, keep_t, h)
+        return self.ffn(self.ln1(x_t + y)), h
+
+
 class LRURec(SequenceEncoder):
     """Stack of LRU blocks over already-embedded, LEFT-padded item sequences.
 
@@ -227,7 +277,11 @@ class LRURec(SequenceEncoder):
         super().__init__()
         self.cfg = cfg
         self.drop = Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(LRUBlock(cfg) for _ in range(cfg.n_layers))
+        block = LRURecBlock if cfg.block == "lrurec" else LRUBlock
+        # LRURec's embedding layer: LN(Dropout(E x)); fMRLRec's: Dropout(E x)
+        self.in_norm = (nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
+                        if cfg.block == "lrurec" else nn.Identity())
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -248,7 +302,7 @@ class LRURec(SequenceEncoder):
         """
         self._check(x, pad_mask)
         keep = ~pad_mask.bool()  # (B, L)
-        h = self.drop(x)
+        h = self.in_norm(self.drop(x))  # (B, L, D)
         for block in self.blocks:
             h = block(h, keep)  # (B, L, D)
         return h
@@ -266,7 +320,7 @@ class LRURec(SequenceEncoder):
         Returns: (output at this position (B, D), new states).
         """
         keep = ~pad_t.bool()
-        h, new = self.drop(x_t), []
+        h, new = self.in_norm(self.drop(x_t)), []
         for block, s in zip(self.blocks, states):
             h, s = block.step(h, keep, s)
             new.append(s)
@@ -288,6 +342,8 @@ class LRURec(SequenceEncoder):
         Raises: ConfigError if k is not a valid size index.
         """
         _check_k(k, self.sizes)
+        if self.cfg.block == "lrurec":  # never nested: the one size is the model itself
+            return copy.deepcopy(self)
         s = self.sizes[k]
         cfg = replace(self.cfg, hidden=s, sizes=self.sizes[:k + 1] if k else None)
         new = LRURec(cfg)

@@ -41,7 +41,7 @@ def build_seq_model(cfg: TrainConfig) -> torch.nn.Module:
         return LRURec(LRUConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, dropout=cfg.dropout,
                                 lru_dropout=cfg.dropout, r_min=cfg.lru_r_min,
                                 r_max=cfg.lru_r_max, state_mult=cfg.lru_state_mult,
-                                sizes=cfg.sizes))
+                                sizes=cfg.sizes, block=cfg.lru_block))
     if cfg.seq_model == "gru4rec":
         return GRU4Rec(GRU4RecConfig(hidden=cfg.hidden, n_layers=cfg.gru_layers,
                                      dropout=cfg.dropout))

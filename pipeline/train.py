@@ -74,7 +74,7 @@ CONTENT_ENCODERS = ("iisan", "concat", "qformer")
 # position table: LRURec, GRU4Rec)
 ARCH_FIELDS = ("item_encoder", "use_id", "text_store", "image_store", "text_layers",
                "image_layers", "feature_norm", "seq_model", "hidden", "sizes", "n_layers", "n_heads",
-               "gru_layers", "lru_r_min", "lru_r_max", "lru_state_mult", "adapter_dim",
+               "gru_layers", "lru_r_min", "lru_r_max", "lru_state_mult", "lru_block", "adapter_dim",
                "use_intra", "use_inter", "use_gates", "iisan_pairing", "iisan_inter_start",
                "iisan_ungated", "iisan_without_intra", "qformer_queries", "qformer_layers",
                "qformer_heads", "qformer_dim", "qformer_token_norm", "qformer_query_init",
@@ -110,6 +110,8 @@ class TrainConfig(BaseModel):
         sizes: Matryoshka sizes (ascending, last = hidden) for sasrec / lru; None = no nesting.
         max_len, n_layers, n_heads, dropout: sequence-model settings (IISAN: 50, 2, 2, 0.1).
         gru_layers: GRU4Rec layers. lru_r_min / lru_r_max / lru_state_mult: LRU settings.
+        lru_block: "fmrlrec" (fMRLRec's block, nests) or "lrurec" (LRURec's own
+            post-LN block with a 4 D GELU FFN; ``models.lru.LRUConfig.block``).
         adapter_dim, use_intra, use_inter, use_gates: IISAN settings (ablation switches).
         iisan_pairing: rows the Inter-SAN pairs (``models.san.IISANConfig.pairing``):
             ``versa`` (IISAN-Versa group LayerDrop for the stores' tower depths; the stores
@@ -180,6 +182,7 @@ class TrainConfig(BaseModel):
     lru_r_min: float = Field(default=0.8, ge=0, lt=1)
     lru_r_max: float = Field(default=0.99, gt=0, lt=1)
     lru_state_mult: int = Field(default=1, ge=1)
+    lru_block: Literal["fmrlrec", "lrurec"] = "fmrlrec"
     adapter_dim: int = Field(default=64, ge=1)
     use_intra: bool = True
     use_inter: bool = True
@@ -268,6 +271,9 @@ class TrainConfig(BaseModel):
                               f"{self.qformer_heads}")
         if self.lru_r_min >= self.lru_r_max:
             raise ConfigError(f"lru_r_min={self.lru_r_min} must be < lru_r_max={self.lru_r_max}")
+        if self.lru_block == "lrurec" and self.sizes:
+            raise ConfigError(f"lru_block 'lrurec' does not nest (sizes {self.sizes}); "
+                              "Matryoshka LRURec uses lru_block 'fmrlrec'")
         if self.lora_from is not None and (self.seq_model == "vbpr" or self.sizes):
             raise ConfigError("LoRA continuation applies to a non-nested sequence model "
                               "(not vbpr, no Matryoshka sizes)")

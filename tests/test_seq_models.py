@@ -44,10 +44,11 @@ def test_parallel_scan_equals_recurrence_loop():
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [None, (4, 8, 16)])
-def test_lru_parallel_scan_equals_step_by_step_recurrence(sizes):
+@pytest.mark.parametrize("sizes,block", [(None, "fmrlrec"), ((4, 8, 16), "fmrlrec"),
+                                         (None, "lrurec")])
+def test_lru_parallel_scan_equals_step_by_step_recurrence(sizes, block):
     torch.manual_seed(0)
-    m = LRURec(LRUConfig(hidden=16, n_layers=2, sizes=sizes, state_mult=2)).eval()
+    m = LRURec(LRUConfig(hidden=16, n_layers=2, sizes=sizes, state_mult=2, block=block)).eval()
     x, pad = _pad_batch()
     par = m(x, pad)
     rec = m.forward_recurrent(x, pad)
@@ -76,13 +77,15 @@ def test_lru_ring_init_and_normalisation():
     torch.testing.assert_close(gamma, torch.sqrt(1 - lam.abs() ** 2))
 
 
-def test_lru_is_causal_and_ignores_padding():
+@pytest.mark.parametrize("block", ["fmrlrec", "lrurec"])
+def test_lru_is_causal_and_ignores_padding(block):
     torch.manual_seed(0)
-    m = LRURec(LRUConfig(hidden=16)).eval()
+    m = LRURec(LRUConfig(hidden=16, block=block)).eval()
     x, pad = _pad_batch()
     out = m(x, pad)
     x2 = x.clone()
-    x2[:, 6:] += 3.0  # change the future
+    # change the future (not by a constant shift: block "lrurec"'s input LayerNorm removes it)
+    x2[:, 6:] = torch.randn(x2[:, 6:].shape, generator=torch.Generator().manual_seed(1))
     x2[0, :4] = 50.0  # change padding content
     out2 = m(x2, pad)
     torch.testing.assert_close(out2[:, :6][~pad[:, :6]], out[:, :6][~pad[:, :6]])
@@ -91,9 +94,42 @@ def test_lru_is_causal_and_ignores_padding():
     torch.testing.assert_close(m(x[:1, 4:], pad[:1, 4:]), out[:1, 4:], rtol=1e-5, atol=1e-6)
 
 
+def test_lrurec_block_equals_hand_written_post_ln_formulas():
+    """block="lrurec" (LRURec's public model/lru.py): input LN(E x), then per block
+    x = LN(x + Re(C h)) with h_t = lambda h_{t-1} + gamma B x_t, and
+    x = LN(x + W_2 GELU(W_1 x)) with W_1: D -> 4 D; evaluated without dropout."""
+    torch.manual_seed(0)
+    D, H = 8, 16
+    m = LRURec(LRUConfig(hidden=D, n_layers=2, state_mult=2, block="lrurec")).eval()
+    assert [tuple(b.w1.weight.shape) for b in m.blocks] == [(4 * D, D)] * 2
+    x = torch.randn(3, 6, D)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    F = torch.nn.functional
+
+    def ln(v, mod):
+        return F.layer_norm(v, (D,), mod.weight, mod.bias, mod.eps)
+
+    h_in = ln(x, m.in_norm)
+    for b in m.blocks:
+        lam, gamma = b.lru.eigen()
+        B_ = torch.complex(b.lru.in_re.weight, b.lru.in_im.weight)  # (H, D)
+        bias = torch.complex(b.lru.in_re.bias, b.lru.in_im.bias)
+        C_ = torch.complex(b.lru.out_re.weight, b.lru.out_im.weight)  # (D, H)
+        state, ys = torch.zeros(3, H, dtype=torch.complex64), []
+        for t in range(6):  # the recurrence, one position at a time
+            state = lam * state + gamma * (h_in[:, t].to(torch.complex64) @ B_.T + bias)
+            ys.append((state @ C_.T).real + b.lru.out_re.bias)
+        h_in = ln(h_in + torch.stack(ys, 1), b.ln1)
+        h_in = ln(h_in + F.linear(F.gelu(F.linear(h_in, b.w1.weight, b.w1.bias)),
+                                  b.w2.weight, b.w2.bias), b.ln2)
+    torch.testing.assert_close(m(x, pad), h_in, rtol=1e-4, atol=1e-5)
+    assert m.extract(0) is not m and torch.equal(m.extract(0)(x, pad), m(x, pad))
+
+
 def test_lru_config_errors():
     for kw in (dict(r_min=0.9, r_max=0.5), dict(hidden=0), dict(sizes=(8, 4, 16), hidden=16),
-               dict(sizes=(4, 8), hidden=16), dict(dropout=1.0)):
+               dict(sizes=(4, 8), hidden=16), dict(dropout=1.0), dict(block="lru"),
+               dict(block="lrurec", sizes=(8, 16), hidden=16)):
         with pytest.raises(ConfigError):
             LRUConfig(**kw)
     m = LRURec(LRUConfig(hidden=16))
