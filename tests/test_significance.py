@@ -182,11 +182,18 @@ def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
     sas = resolve(exp, CELLS["sasrec-id"], 2)
     assert (sas.dropout, sas.min_epochs) == (0.1, 1)   # the other cells keep the defaults
     assert (sas.lr, sas.batch_size, sas.weight_decay) == (3e-3, 128, 0.0)
-    # LRURec: its own AdamW settings (lr 1e-3, batch 64, weight decay 0.01), dropout 0.3,
-    # min_epochs 30; the LoRA pair (short-window base, LoRA on full windows) trains alike
+    # LRURec: its own block and AdamW settings (lr 1e-3, batch 64, weight decay 0.01),
+    # dropout 0.3, min_epochs 30; the LoRA pair (short-window base, LoRA on full windows)
+    # trains alike; the fMRLRec cells keep fMRLRec's nesting block
+    from pipeline.experiments import independent_cell
+    from pipeline.train import TrainConfig
+    for cell in (CELLS["mrl-lru"], independent_cell(64)):
+        assert "lru_block" not in cell.overrides   # TrainConfig's default, "fmrlrec"
+    assert TrainConfig.model_fields["lru_block"].default == "fmrlrec"
     for cid in ("lru-id", "lru-id-short", "lru-id-lora"):
         lru = resolve(exp, CELLS[cid], 1)
-        assert (lru.seq_model, lru.lr, lru.batch_size, lru.weight_decay, lru.dropout,
-                lru.min_epochs, lru.patience) == ("lru", 1e-3, 64, 0.01, 0.3, 30, 10), cid
+        assert (lru.seq_model, lru.lru_block, lru.lru_state_mult, lru.lr, lru.batch_size,
+                lru.weight_decay, lru.dropout, lru.min_epochs, lru.patience) == (
+                    "lru", "lrurec", 2, 1e-3, 64, 0.01, 0.3, 30, 10), cid
     assert resolve(exp, CELLS["lru-id-short"], 1).max_len == exp.short_len
     assert resolve(exp, CELLS["lru-id"], 1).max_len == 50
