@@ -24,6 +24,11 @@ STORE_KEYS = {TEXT: "text_store", IMAGE: "image_store", TEXT_ALL: "text_store_al
               IMAGE_TOK: "image_store_tokens"}
 TOP = "@top"
 """``text_layers`` / ``image_layers`` placeholder: the top hidden state of the cell's store."""
+VERSA = "@versa"
+"""``text_layers`` / ``image_layers`` placeholder: hidden state 0 plus the rows IISAN-Versa
+group LayerDrop keeps for the two stores' tower depths (``models.layerdrop.versa_blocks``;
+MiniLM 6 + EfficientNet-Lite0 8 blocks: text 0, 3, 4, 5, 6 and image 0, 2, 4, 6, 8), with
+``iisan_pairing="versa"`` (never the silent fall-back to the top rows)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Cell:
         id: unique name (run folders are ``<id>-s<seed>``). label: table / plot label.
         overrides: TrainConfig fields; store values are the placeholders ``@text``,
             ``@image``, ``@text_all``, ``@image_all``, ``@text_tokens``, ``@image_tokens``;
-            ``"@top"`` for ``text_layers`` / ``image_layers``; ``"@mrl"`` for ``sizes`` and
+            ``"@top"`` / ``"@versa"`` for ``text_layers`` / ``image_layers``; ``"@mrl"`` for ``sizes`` and
             ``"@mrl_max"`` for ``hidden`` take the experiment's Matryoshka sizes.
         lora_base: id of the cell (same seed) whose checkpoint this cell continues with LoRA.
     """
@@ -46,6 +51,10 @@ class Cell:
 
 
 BOTH = {"text_store": TEXT, "image_store": IMAGE}
+# IISAN on both towers, aligned as IISAN-Versa aligns them (issue 11, item 1): the text rows
+# come from the every-hidden-state store, as the demo's text store keeps 0, 2, 4, 6 only
+VERSA_BOTH = {"text_store": TEXT_ALL, "image_store": IMAGE, "text_layers": VERSA,
+              "image_layers": VERSA}
 TOKENS = {"text_store": TEXT_TOK, "image_store": IMAGE_TOK, "text_layers": TOP,
           "image_layers": TOP}
 # LRURec as its paper's code builds and trains it: its own block (input LayerNorm, post-LN
@@ -59,7 +68,7 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
     Cell("iisan-text", "IISAN, text only", {"item_encoder": "iisan", "text_store": TEXT}),
     Cell("iisan-image", "IISAN, image only",
          {"item_encoder": "iisan", "image_store": IMAGE}),
-    Cell("iisan", "IISAN, text + image", {"item_encoder": "iisan", **BOTH}),
+    Cell("iisan", "IISAN, text + image", {"item_encoder": "iisan", **VERSA_BOTH}),
     Cell("concat", "concat-and-project (fMRLRec eq. 7) = frozen backbone",
          {"item_encoder": "concat", **BOTH}),
     Cell("iisan-no-layerdrop", "IISAN w/o LayerDrop (all hidden states)",
@@ -67,11 +76,11 @@ CELLS: dict[str, Cell] = {c.id: c for c in [
           # every row in both SANs: the inter-SAN pairs the top rows, not the Versa rows
           "iisan_pairing": "top"}),
     Cell("iisan-no-gates", "IISAN w/o modality gates",
-         {"item_encoder": "iisan", "use_gates": False, **BOTH}),
+         {"item_encoder": "iisan", "use_gates": False, **VERSA_BOTH}),
     Cell("iisan-no-intra", "IISAN w/o intra-modal SAN",
-         {"item_encoder": "iisan", "use_intra": False, **BOTH}),
+         {"item_encoder": "iisan", "use_intra": False, **VERSA_BOTH}),
     Cell("iisan-no-inter", "IISAN w/o inter-modal SAN",
-         {"item_encoder": "iisan", "use_inter": False, **BOTH}),
+         {"item_encoder": "iisan", "use_inter": False, **VERSA_BOTH}),
     Cell("qformer", "Fusion-Q-Former (EM3)", {"item_encoder": "qformer", **BOTH}),
     # text-only fusion rows: what the image tower adds to (or costs) each fusion
     Cell("concat-text", "concat-and-project, text only",

@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ConfigError
-from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS,  # noqa: F401 (re-exported)
+from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS, VERSA,  # noqa: F401 (re-exported)
                                        IISAN_DCE_CELLS, IMAGE, IMAGE_ALL, IMAGE_TOK, STORE_KEYS,
                                        TEXT, TEXT_ALL, TEXT_TOK, TOP, Cell, independent_cell)
 from pipeline.evaluate import EvalConfig
@@ -161,9 +161,47 @@ def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
                 raise ConfigError(f"cell {cell.id!r}: {m}_layers '@top' without a {m} store")
             top = HiddenStateStore.open(base[f"{m}_store"]).spec.layer_indices[-1]
             base[f"{m}_layers"] = (int(top),)
+    if VERSA in (base.get("text_layers"), base.get("image_layers")):
+        base.update(versa_layers(cell.id, base))
     if cell.lora_base is not None:
         base["lora_from"] = lora_from
     return TrainConfig(name=f"{cell.id}-s{seed}", **base)
+
+
+def versa_layers(cell_id: str, base: dict[str, Any]) -> dict[str, Any]:
+    """Resolve ``"@versa"`` rows: hidden state 0 plus IISAN-Versa's kept hidden states.
+
+    Args:
+        cell_id: for errors. base: the cell's resolved fields so far (``text_store``,
+            ``image_store`` paths; ``text_layers`` / ``image_layers``, "@versa" or explicit).
+    Returns: ``{"text_layers": (0, ...), "image_layers": (0, ...), "iisan_pairing":
+        "versa"}`` for the "@versa" fields, from :func:`models.layerdrop.versa_blocks` of the
+        two stores' ``num_model_layers`` (block b is hidden state b + 1).
+    Raises: ConfigError if a store is missing or lacks a row the alignment needs (names the
+        cell, the store and the rows).
+    """
+    from models.layerdrop import versa_blocks
+    from stores.hidden_states import HiddenStateStore
+    specs = {}
+    for m in ("text", "image"):
+        if base.get(f"{m}_store") is None:
+            raise ConfigError(f"cell {cell_id!r}: '@versa' rows need both a text and an image "
+                              f"store ({m}_store is not set)")
+        specs[m] = HiddenStateStore.open(base[f"{m}_store"]).spec
+    blocks = dict(zip(("text", "image"), versa_blocks(specs["text"].num_model_layers,
+                                                       specs["image"].num_model_layers)))
+    out: dict[str, Any] = {"iisan_pairing": "versa"}
+    for m in ("text", "image"):
+        if base.get(f"{m}_layers") != VERSA:
+            continue
+        rows = (0, *(b + 1 for b in blocks[m]))
+        missing = sorted(set(rows) - {int(i) for i in specs[m].layer_indices})
+        if missing:
+            raise ConfigError(f"cell {cell_id!r}: the {m} store {base[f'{m}_store']} lacks the "
+                              f"IISAN-Versa hidden states {missing} (it holds "
+                              f"{list(specs[m].layer_indices)}; needs {list(rows)})")
+        out[f"{m}_layers"] = rows
+    return out
 
 
 def _same_config(run_dir: Path, cfg: TrainConfig) -> bool:

@@ -153,6 +153,7 @@ def test_rank_breakdown_matches_evaluate_and_config_checks(small_tables, stores,
     (dict(seq_model="lru", sizes=(8, 16), hidden=16, lora_from="x"), "LoRA"),
     (dict(monitor="NDCG@7"), "monitor"),
     (dict(lru_r_min=0.9, lru_r_max=0.5), "lru_r_min"),
+    (dict(seq_model="lru", lru_block="lrurec", sizes=(8, 16), hidden=16), "does not nest"),
 ])
 def test_train_config_rejects_invalid_combinations(kw, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

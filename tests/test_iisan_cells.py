@@ -255,3 +255,31 @@ def test_training_config_builds_the_cell_and_writes_the_pairing(small_tables, tm
     assert model["iisan"]["inter_pairs"] == [[2, 4], [4, 6], [6, 8]]
     with pytest.raises(ConfigError, match="pairing='versa'"):
         train(TrainConfig(name="strict", text_store=text_sym, iisan_pairing="versa", **kw))
+
+
+def test_grid_iisan_cells_resolve_to_the_versa_rows_of_their_stores(small_tables, tmp_path):
+    """The grid's two-tower IISAN cells ask for "@versa" rows: hidden state 0 plus the rows
+    group LayerDrop keeps for the stores' depths, read from the every-hidden-state text store
+    (the demo's text store keeps 0, 2, 4, 6), with pairing "versa" stated, never the silent
+    fall-back; a store without those rows is an error naming it."""
+    from pipeline.experiments import CELLS, IISAN_DCE_CELLS, ExperimentConfig, resolve
+    text_all = _store(small_tables, tmp_path / "text_all.zarr", "text", 6, tuple(range(7)), 12)
+    text_sym = _store(small_tables, tmp_path / "text_sym.zarr", "text", 6, (0, 2, 4, 6), 12)
+    image = _store(small_tables, tmp_path / "image.zarr", "image", 8, DEMO_IMAGE_IDS, 10)
+    exp = ExperimentConfig(grid="iisan", tables_dir=small_tables, out_dir=tmp_path,
+                           text_store=text_sym, image_store=image, text_store_all=text_all)
+    two_tower = [c for c in IISAN_DCE_CELLS if c != "iisan-no-layerdrop"]
+    for cid in two_tower + [f"{c}-dce" for c in two_tower]:
+        cfg = resolve(exp, CELLS[cid], 1)
+        assert (cfg.text_store, cfg.image_store) == (text_all, image), cid
+        assert (cfg.text_layers, cfg.image_layers, cfg.iisan_pairing) == (
+            DEMO_TEXT_IDS, DEMO_IMAGE_IDS, "versa"), cid
+    # 12-block text + 32-block image towers: the roles swap (symmetric text, grouped image)
+    deep_t = _store(small_tables, tmp_path / "t12.zarr", "text", 12, tuple(range(13)), 4)
+    deep_i = _store(small_tables, tmp_path / "i32.zarr", "image", 32, tuple(range(33)), 4)
+    cfg = resolve(exp.model_copy(update={"text_store_all": deep_t, "image_store": deep_i}),
+                  CELLS["iisan"], 1)
+    assert cfg.text_layers == (0, 2, 4, 6, 8, 10, 12)
+    assert cfg.image_layers == (0, 2, 8, 14, 20, 26, 32)
+    with pytest.raises(ConfigError, match=r"lacks the IISAN-Versa hidden states \[3, 5\]"):
+        resolve(exp.model_copy(update={"text_store_all": text_sym}), CELLS["iisan"], 1)

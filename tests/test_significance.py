@@ -119,9 +119,15 @@ def test_run_comparisons_takes_the_pairs_whose_cells_ran(tmp_path):
     assert "Paired over 40 test users" in md
 
 
-def test_every_iisan_ablation_has_a_debiased_ce_twin_differing_only_in_the_loss(tmp_path):
+def test_every_iisan_ablation_has_a_debiased_ce_twin_differing_only_in_the_loss(
+        tmp_path, monkeypatch):
+    import pipeline.experiments as pe
     from pipeline.experiments import (CELLS, GRIDS, IISAN_DCE_CELLS, ExperimentConfig,
                                       resolve)
+    # the "@versa" rows come from the stores (tests/test_iisan_cells.py); here no store exists
+    monkeypatch.setattr(pe, "versa_layers", lambda cid, base: {
+        "text_layers": (0, 3, 4, 5, 6), "image_layers": (0, 2, 4, 6, 8),
+        "iisan_pairing": "versa"})
     exp = ExperimentConfig(grid="iisan", tables_dir=tmp_path, out_dir=tmp_path,
                            text_store=tmp_path / "t", image_store=tmp_path / "i",
                            text_store_all=tmp_path / "ta", image_store_all=tmp_path / "ia")
