@@ -43,9 +43,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ConfigError
-from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS, VERSA,  # noqa: F401 (re-exported)
+from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS,  # noqa: F401 (re-exported)
                                        IISAN_DCE_CELLS, IMAGE, IMAGE_ALL, IMAGE_TOK, STORE_KEYS,
-                                       TEXT, TEXT_ALL, TEXT_TOK, TOP, Cell, independent_cell)
+                                       TEXT, TEXT_ALL, TEXT_TOK, TOP, VERSA, Cell,
+                                       independent_cell)
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
