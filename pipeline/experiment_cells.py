@@ -39,8 +39,8 @@ class Cell:
         id: unique name (run folders are ``<id>-s<seed>``). label: table / plot label.
         overrides: TrainConfig fields; store values are the placeholders ``@text``,
             ``@image``, ``@text_all``, ``@image_all``, ``@text_tokens``, ``@image_tokens``;
-            ``"@top"`` / ``"@versa"`` for ``text_layers`` / ``image_layers``; ``"@mrl"`` for ``sizes`` and
-            ``"@mrl_max"`` for ``hidden`` take the experiment's Matryoshka sizes.
+            ``"@top"`` / ``"@versa"`` for ``text_layers`` / ``image_layers``; ``"@mrl"`` for
+            ``sizes`` and ``"@mrl_max"`` for ``hidden`` take the experiment's Matryoshka sizes.
         lora_base: id of the cell (same seed) whose checkpoint this cell continues with LoRA.
     """
 

@@ -176,12 +176,12 @@ def versa_layers(cell_id: str, base: dict[str, Any]) -> dict[str, Any]:
         cell_id: for errors. base: the cell's resolved fields so far (``text_store``,
             ``image_store`` paths; ``text_layers`` / ``image_layers``, "@versa" or explicit).
     Returns: ``{"text_layers": (0, ...), "image_layers": (0, ...), "iisan_pairing":
-        "versa"}`` for the "@versa" fields, from :func:`models.layerdrop.versa_blocks` of the
-        two stores' ``num_model_layers`` (block b is hidden state b + 1).
+        "versa"}`` for the "@versa" fields: the hidden states of
+        :func:`models.layerdrop.versa_pairing` for the two stores' ``num_model_layers``.
     Raises: ConfigError if a store is missing or lacks a row the alignment needs (names the
         cell, the store and the rows).
     """
-    from models.layerdrop import versa_blocks
+    from models.layerdrop import versa_pairing
     from stores.hidden_states import HiddenStateStore
     specs = {}
     for m in ("text", "image"):
@@ -189,13 +189,12 @@ def versa_layers(cell_id: str, base: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"cell {cell_id!r}: '@versa' rows need both a text and an image "
                               f"store ({m}_store is not set)")
         specs[m] = HiddenStateStore.open(base[f"{m}_store"]).spec
-    blocks = dict(zip(("text", "image"), versa_blocks(specs["text"].num_model_layers,
-                                                       specs["image"].num_model_layers)))
+    pairs = versa_pairing(specs["text"].num_model_layers, specs["image"].num_model_layers)
     out: dict[str, Any] = {"iisan_pairing": "versa"}
-    for m in ("text", "image"):
+    for j, m in enumerate(("text", "image")):
         if base.get(f"{m}_layers") != VERSA:
             continue
-        rows = (0, *(b + 1 for b in blocks[m]))
+        rows = (0, *(p[j] for p in pairs))
         missing = sorted(set(rows) - {int(i) for i in specs[m].layer_indices})
         if missing:
             raise ConfigError(f"cell {cell_id!r}: the {m} store {base[f'{m}_store']} lacks the "
