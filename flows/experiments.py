@@ -167,7 +167,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                      text_store_tokens: str | None = None,
                      image_store_tokens: str | None = None,
                      seeds: list[Seed] | None = None, max_epochs: Epochs = 200,
-                     patience: Epochs = 10, batch_size: BatchSize = 128, lr: float = 3e-3,
+                     patience: Epochs = 10, min_epochs: Epochs = 30,
+                     batch_size: BatchSize = 128, lr: float = 3e-3,
                      mrl_sizes: list[int] | None = None, short_len: int = 10,
                      exclude: Exclude = "all", train: dict[str, Any] | None = None,
                      workers: int = 1, threads: int | None = 1) -> dict[str, Any]:
@@ -184,6 +185,7 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
                           text_store_tokens=text_store_tokens,
                           image_store_tokens=image_store_tokens,
                           seeds=seeds, max_epochs=max_epochs, patience=patience,
+                          min_epochs=min_epochs,
                           batch_size=batch_size, lr=lr, mrl_sizes=mrl_sizes,
                           short_len=short_len, exclude=exclude, train=train, workers=workers,
                           threads=threads)
@@ -196,7 +198,8 @@ def experiments_flow(grid: GridName = "all", tables_dir: str = "outputs/demo/tab
         text_store_all=p.text_store_all, image_store_all=p.image_store_all,
         text_store_tokens=p.text_store_tokens, image_store_tokens=p.image_store_tokens,
         seeds=tuple(p.seeds or (1, 2, 3)), max_epochs=p.max_epochs, patience=p.patience,
-        batch_size=p.batch_size, lr=p.lr, mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
+        min_epochs=p.min_epochs, batch_size=p.batch_size, lr=p.lr,
+        mrl_sizes=tuple(p.mrl_sizes or (16, 32, 64, 128)),
         short_len=p.short_len, train=p.train or {}, eval={"exclude": p.exclude},
         runs_in_parallel=p.workers > 1)
     need = needed_stores(exp)

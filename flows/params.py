@@ -201,6 +201,8 @@ class ExperimentsParams(_Params):
                                                 "enough that early stopping decides; a run "
                                                 "that stops at it is flagged)")
     patience: Epochs = Field(10, description="early stopping patience of every run")
+    min_epochs: Epochs = Field(30, description="early stopping never stops a run before this "
+                                               "epoch")
     batch_size: BatchSize = Field(128, description="training batch size (users)")
     lr: float = Field(3e-3, gt=0, le=1, description="learning rate")
     mrl_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(

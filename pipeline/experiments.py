@@ -68,8 +68,10 @@ class ExperimentConfig(BaseModel):
             "without LayerDrop" cell; required only by grids that contain it).
         text_store_tokens, image_store_tokens: token-state stores (``pooling="tokens"``)
             of the Fusion-Q-Former's token cells (required only by grids with them).
-        seeds: one run per seed and cell. max_epochs, patience, batch_size, lr: shared
-            training budget (every cell gets the same). mrl_sizes: Matryoshka sizes of the
+        seeds: one run per seed and cell. max_epochs, patience, min_epochs, batch_size, lr:
+            shared training budget (every cell gets the same; early stopping never stops
+            before ``min_epochs``, as slow, noisy climbs such as IISAN's on both towers ended
+            by patience alone at epoch 24 with seeds 1-2 still climbing to epoch 35-45). mrl_sizes: Matryoshka sizes of the
             ``mrl`` grid (the independent LRURecs use the same sizes). short_len: window of
             the LoRA base run (the LoRA run uses ``train.max_len``).
         train: further TrainConfig fields applied to every cell before the cell's own
@@ -93,6 +95,7 @@ class ExperimentConfig(BaseModel):
     seeds: tuple[int, ...] = (1, 2, 3)
     max_epochs: int = Field(default=200, ge=1)
     patience: int = Field(default=10, ge=1)
+    min_epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     mrl_sizes: tuple[int, ...] = (16, 32, 64, 128)
@@ -140,7 +143,8 @@ def resolve(exp: ExperimentConfig, cell: Cell, seed: int,
     """
     base: dict[str, Any] = dict(
         tables_dir=exp.tables_dir, out_dir=exp.out_dir / "runs", max_epochs=exp.max_epochs,
-        patience=exp.patience, batch_size=exp.batch_size, lr=exp.lr, seed=seed, eval=exp.eval)
+        patience=exp.patience, min_epochs=exp.min_epochs, batch_size=exp.batch_size, lr=exp.lr,
+        seed=seed, eval=exp.eval)
     base.update(exp.train)
     for k, v in cell.overrides.items():
         if isinstance(v, str) and v in STORE_KEYS:
@@ -381,7 +385,8 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                  f"`{exp.eval.exclude}`; cold = target item with <= "
                  f"{exp.train.get('cold_threshold', 20)} training interactions "
                  f"({cold_n} of {all_n} test users). Budget: max {exp.max_epochs} epochs, "
-                 f"patience {exp.patience}, batch {exp.batch_size}, lr {exp.lr}; \"at cap: "
+                 f"patience {exp.patience} (never before epoch {exp.min_epochs}), "
+                 f"batch {exp.batch_size}, lr {exp.lr}; \"at cap: "
                  f"k/n\": k of n seeds stopped at the epoch cap with their best epoch within "
                  f"the patience window (early stopping did not decide; raise --max-epochs)."
                  + (" s/epoch: not reported, the runs shared the machine (--workers 1 "

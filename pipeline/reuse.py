@@ -11,7 +11,8 @@ One rule for the demo pipeline (``flows/pipeline.py``) and the experiments grid
 * its resolved config is unchanged: the saved ``TrainConfig`` is re-validated and compared
   with the requested one (so a field added to TrainConfig later, whose default keeps the old
   behaviour, does not invalidate finished runs; a saved config that no longer validates
-  never matches);
+  never matches). The one tolerated difference is a higher ``min_epochs`` that the run
+  already passed (it stopped after epoch E >= the new floor): that training is the same;
 * its inputs are unchanged: the tables (the fingerprints in ``manifest.json``), every store
   the run reads (its spec: items fingerprint, weights fingerprint, model, layers, pooling,
   ...; and the store must be complete) and, for a LoRA run, the weights it continues.
@@ -150,9 +151,27 @@ def same_config(run_dir: Path, cfg: TrainConfig) -> Decision:
     except (ValueError, TypeError, PipelineError):
         return Decision(False, "its saved config no longer validates")
     a, b = json.loads(saved.model_dump_json()), json.loads(cfg.model_dump_json())
+    if a != b and {**a, "min_epochs": b["min_epochs"]} == b:
+        return _min_epochs_equivalent(run_dir, a["min_epochs"], b["min_epochs"])
     if a != b:
         return Decision(False, f"config changed ({_diff(a, b)})")
     return Decision(True, "config unchanged")
+
+
+def _min_epochs_equivalent(run_dir: Path, trained: int, wanted: int) -> Decision:
+    """A config that differs only in ``min_epochs`` trains the same epochs, bit for bit, when
+    the finished run stopped at an epoch E >= ``wanted`` >= ``trained``: raising the floor
+    changes no stop decision before E (none was taken there under the lower floor either)
+    and E is past both floors. Lowering it could have stopped the run earlier: retrained."""
+    try:
+        ran = int(json.loads((Path(run_dir) / "train_summary.json").read_text())["epochs_run"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Decision(False, f"config changed (min_epochs: {trained} -> {wanted})")
+    if trained <= wanted <= ran:
+        return Decision(True, f"config unchanged but min_epochs {trained} -> {wanted}, which "
+                              f"this run (stopped after epoch {ran}) already satisfies")
+    return Decision(False, f"config changed (min_epochs: {trained} -> {wanted}; the run "
+                           f"stopped after epoch {ran})")
 
 
 def _recorded_inputs(run_dir: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.evaluate import EvalConfig
 from pipeline.reuse import (INPUTS_FILE, evaluate_or_reuse, finished_run, metrics_for,
-                            run_inputs, train_or_reuse)
+                            run_inputs, same_config, train_or_reuse)
 from pipeline.train import TrainConfig, evaluate_checkpoint, train
 
 TINY = dict(hidden=16, max_len=8, batch_size=32, adapter_dim=8)
@@ -245,3 +245,30 @@ def test_a_run_stopped_by_a_signal_is_not_reused(small_tables, tmp_path):
         assert bool(d) is reused, (stopped, d.reason)
         if not reused:
             assert d.reason == f"the training was stopped by {stopped}, not finished"
+
+
+def test_a_higher_min_epochs_the_run_already_passed_reuses_it(small_tables, tmp_path):
+    """Raising ``min_epochs`` to at most the epoch a run stopped at trains the same bytes (so
+    the run is reused); beyond it, or lowering it, retrains."""
+    kw = dict(tables_dir=small_tables, max_epochs=12, patience=1, **TINY)
+    cfg = TrainConfig(name="m", out_dir=tmp_path / "a", **kw)
+    ran = train(cfg)["epochs_run"]
+    record = tmp_path / "a" / "m"
+    assert 1 < ran < 12   # stopped early, after epoch 1
+    # the premise: the same training with the floor at the stop epoch gives the same weights
+    again = TrainConfig(name="m", out_dir=tmp_path / "b", min_epochs=ran, **kw)
+    assert train(again)["epochs_run"] == ran
+    assert (tmp_path / "b" / "m" / "model.safetensors").read_bytes() == \
+        (record / "model.safetensors").read_bytes()
+    higher = cfg.model_copy(update={"min_epochs": ran})
+    assert finished_run(record, higher)
+    assert f"min_epochs 1 -> {ran}, which this run" in same_config(record, higher).reason
+    d = finished_run(record, cfg.model_copy(update={"min_epochs": ran + 1}))
+    assert not d and d.reason == (f"config changed (min_epochs: 1 -> {ran + 1}; the run "
+                                  f"stopped after epoch {ran})")
+    # a run trained with a floor is not reused for a lower one (it might have stopped sooner)
+    d = finished_run(tmp_path / "b" / "m", again.model_copy(update={"min_epochs": 1}))
+    assert not d and f"min_epochs: {ran} -> 1" in d.reason
+    # any other difference still retrains
+    d = finished_run(record, cfg.model_copy(update={"min_epochs": ran, "lr": 2e-3}))
+    assert not d and "lr" in d.reason

@@ -186,7 +186,10 @@ def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
         "gru4rec", 0.3, 30, 10, 200)
     assert (gru.lr, gru.batch_size, gru.seed, gru.name) == (3e-3, 128, 2, "gru4rec-id-s2")
     sas = resolve(exp, CELLS["sasrec-id"], 2)
-    assert (sas.dropout, sas.min_epochs) == (0.1, 1)   # the other cells keep the defaults
+    assert (sas.dropout, sas.min_epochs) == (0.1, 30)  # the other cells: the grid's floor
+    low = exp.model_copy(update={"min_epochs": 5})     # a lower grid floor: GRU4Rec keeps 30
+    assert (resolve(low, CELLS["gru4rec-id"], 2).min_epochs,
+            resolve(low, CELLS["sasrec-id"], 2).min_epochs) == (30, 5)
     assert (sas.lr, sas.batch_size, sas.weight_decay) == (3e-3, 128, 0.0)
     # LRURec: its own block and AdamW settings (lr 1e-3, batch 64, weight decay 0.01),
     # dropout 0.3, min_epochs 30; the LoRA pair (short-window base, LoRA on full windows)
