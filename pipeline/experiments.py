@@ -50,7 +50,7 @@ from pipeline.experiment_cells import (BOTH, CELLS, GRID_ORDER, GRIDS,  # noqa: 
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
-from pipeline.significance import PairedTest, run_comparisons
+from pipeline.significance import COMPARISONS, PairedTest, run_comparisons
 from pipeline.significance import markdown as significance_markdown
 from pipeline.train_runs import metrics_file
 
@@ -475,13 +475,15 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
     md += (f" Runs: {len(results)} ({reused} reused from an earlier invocation); their "
            f"training + validation time adds up to {train_min:.1f} min")
     md += f", wall time of this invocation {seconds / 60:.1f} min." if seconds is not None else "."
-    tests = run_comparisons(per_user_files(results, exp))
+    pairs = comparisons(exp)
+    tests = run_comparisons(per_user_files(results, exp), pairs)
     with open(exp.out_dir / "comparisons.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(PairedTest.__dataclass_fields__))
         w.writeheader()
         w.writerows(t.row() for t in tests)
     if tests:
-        md += "\n\n#### paired tests (test split)\n\n" + significance_markdown(tests)
+        md += "\n\n#### paired tests (test split)\n\n" + significance_markdown(
+            tests, {(a, b): q for a, b, q in pairs})
     (exp.out_dir / "results.md").write_text(md + "\n")
     grids = GRID_ORDER if exp.grid == "all" else (exp.grid,)
     plots = [str(plot_grid(summary, exp, g, exp.out_dir / "plots" / f"{g}.png"))
@@ -496,16 +498,33 @@ def write_results(results: list[dict[str, Any]], exp: ExperimentConfig,
 
 def per_user_files(results: list[dict[str, Any]], exp: ExperimentConfig
                    ) -> dict[str, dict[int, Path]]:
-    """cell id -> seed -> that run's ``per_user-<exclude>-<repeat>.csv`` (runs that have one)."""
+    """cell id -> seed -> that run's ``per_user-<exclude>-<repeat>.csv`` (runs that have one);
+    a Matryoshka run also under ``<cell>@<size>`` for each size (its ``-d<size>`` files; the
+    largest size is the main file)."""
     out: dict[str, dict[int, Path]] = {}
     for r in results:
         m = r["metrics"]
         label = metrics_file(m["exclude"], m.get("repeat_target", exp.eval.repeat_target)
                              )[len("metrics-"):-len(".json")]
-        f = exp.out_dir / "runs" / f"{r['cell']}-s{r['seed']}" / f"per_user-{label}.csv"
+        run = exp.out_dir / "runs" / f"{r['cell']}-s{r['seed']}"
+        f = run / f"per_user-{label}.csv"
         if f.is_file():
             out.setdefault(r["cell"], {})[int(r["seed"])] = f
+        sizes = [int(x) for x in m.get("sizes", [])]
+        if len(sizes) > 1 and f.is_file():
+            for size in sizes:
+                g = f if size == sizes[-1] else run / f"per_user-{label}-d{size}.csv"
+                if g.is_file():
+                    out.setdefault(f"{r['cell']}@{size}", {})[int(r["seed"])] = g
     return out
+
+
+def comparisons(exp: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """``pipeline.significance.COMPARISONS`` plus fMRLRec's claim per Matryoshka size: the one
+    training (``mrl-lru@<size>``) against the independent LRURec of that width."""
+    return [*COMPARISONS, *((f"mrl-lru@{s}", independent_cell(s).id,
+                             f"fMRLRec: one Matryoshka training vs an independent LRURec, "
+                             f"d={s}") for s in exp.mrl_sizes)]
 
 
 def popularity_breakdown(exp: ExperimentConfig) -> dict[str, Any]:

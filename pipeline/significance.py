@@ -214,7 +214,18 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("concat-id-cic", "concat-id", "Content-ID-Contrastive loss (concat)"),
     ("lru-id", "sasrec-id", "LRURec vs SASRec (item IDs)"),
     ("gru4rec-id", "sasrec-id", "GRU4Rec vs SASRec (item IDs)"),
+    ("lru-id", "gru4rec-id", "LRURec vs GRU4Rec (item IDs)"),
+    ("lru-id-short", "lru-id", "LRURec: windows of 10 vs 50"),
     ("lru-id-lora", "lru-id-short", "LoRA on full windows vs the short-window base"),
+    ("vbpr", "sasrec-id", "VBPR (BPR, not sequential) vs SASRec"),
+    # the modality study's one-tower rows and the fusion rows without the image tower
+    ("iisan-text", "sasrec-id", "text-only IISAN vs an ID-only SASRec"),
+    ("iisan-image", "sasrec-id", "image-only IISAN vs an ID-only SASRec"),
+    ("iisan-text", "iisan-image", "IISAN on one tower: text vs image"),
+    ("concat", "concat-text", "adding the image tower to concat-and-project"),
+    ("qformer-text", "concat-text", "text only: Fusion-Q-Former vs concat-and-project"),
+    ("concat-id", "concat", "adding item IDs to concat-and-project"),
+    ("concat-id", "sasrec-id", "concat + item ID vs an ID-only SASRec"),
 )
 """Pairs compared whenever both cells ran (A first)."""
 

@@ -518,7 +518,9 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
     repeat-target rules of ``eval_cfg`` (None: the run's own). Writes
     ``metrics-<exclude>-<repeat_target>.json`` (:func:`pipeline.train_runs.metrics_file`)
     and ``per_user-<exclude>-<repeat_target>.csv`` (each user's target, its rank and the
-    ``top_k`` best items, in the original ids); ``metrics.json`` only when the rules are
+    ``top_k`` best items, in the original ids; largest size; a Matryoshka run also writes
+    ``per_user-<exclude>-<repeat_target>-d<size>.csv`` for each smaller size, without the
+    top items, for the paired tests per size); ``metrics.json`` only when the rules are
     the run's own, so evaluating under another rule never overwrites the training-time
     metrics.
 
@@ -541,7 +543,9 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
     item_keys, user_keys = key_maps(read_tables(cfg.tables_dir))
     label = metrics_file(ecfg.exclude, ecfg.repeat_target)[len("metrics-"):-len(".json")]
     per_user = Path(run_dir) / f"per_user-{label}.csv"
-    per_user.unlink(missing_ok=True)
+    per_size = {sz: Path(run_dir) / f"per_user-{label}-d{sz}.csv" for sz in sizes[:-1]}
+    for f in (per_user, *per_size.values()):
+        f.unlink(missing_ok=True)
     repeats: dict[str, int] = {}
     users = split.user_ids[[u for u, s in enumerate(split.sequences) if len(s) >= 3]]
     for stage in ("valid", "test"):
@@ -554,6 +558,9 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
             by_size[str(s)][stage] = breakdown(r, targets, counts, cfg.cold_threshold, ecfg.ks)
         write_per_user(per_user, stage, users, targets, ranks[-1], torch.cat(tops),
                        split.item_ids, item_keys, user_keys)
+        for sz, r in zip(sizes[:-1], ranks):  # the smaller Matryoshka sizes (no top list)
+            write_per_user(per_size[sz], stage, users, targets, r, None, split.item_ids,
+                           item_keys, user_keys)
     top = by_size[str(sizes[-1])]
     out = {"name": cfg.name, "exclude": ecfg.exclude, "repeat_target": ecfg.repeat_target,
            "valid": top["valid"]["all"], "test": top["test"]["all"], "repeat_targets": repeats,

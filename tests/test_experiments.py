@@ -89,8 +89,11 @@ def test_experiments_flow_smoke_grid(small_tables, stores, tmp_path, monkeypatch
         assert "history exclusion `all`" in md
         # the smoke grid's stated comparisons, paired over the same test users, seeds pooled
         comps = list(csv.DictReader(open(out / "comparisons.csv")))
-        assert {(r["a"], r["b"]) for r in comps} == {("gru4rec-id", "sasrec-id"),
-                                                     ("lru-id-lora", "lru-id-short")}
+        assert {(r["a"], r["b"]) for r in comps} == {
+            ("gru4rec-id", "sasrec-id"), ("lru-id-lora", "lru-id-short"), ("vbpr", "sasrec-id"),
+            # fMRLRec per size: the one training's size-d ranks vs the independent LRURec
+            ("mrl-lru@8", "lru-concat-d8"), ("mrl-lru@16", "lru-concat-d16")}
+        assert "fMRLRec: one Matryoshka training vs an independent LRURec, d=8" in md
         n_test = {r["n_users"] for r in summary if r["split"] == "test" and r["subset"] == "all"}
         assert all({r["n_users"]} == n_test and r["seeds"] == "1 2" for r in comps)
         assert all(0.0 < float(r["p"]) <= 1.0 and float(r["ci_low"]) <= float(r["ci_high"])

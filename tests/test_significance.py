@@ -108,7 +108,7 @@ def test_seeds_are_pooled_per_user_and_users_must_match(tmp_path):
 
 def test_run_comparisons_takes_the_pairs_whose_cells_ran(tmp_path):
     files = {}
-    for cell, shift in (("gru4rec-id", 0), ("sasrec-id", 3), ("vbpr", 1)):
+    for cell, shift in (("gru4rec-id", 0), ("sasrec-id", 3), ("lru-id-lora", 1)):
         files[cell] = {s: _per_user(tmp_path / f"{cell}-{s}.csv",
                                     {f"u{i}": 1 + (i + shift + s) % 15 for i in range(40)})
                        for s in (1, 2)}

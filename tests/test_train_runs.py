@@ -138,3 +138,26 @@ def test_string_ids_round_trip_to_outputs(tmp_path):
         assert test.loc[u, "target_key"] == items[(3 * k + 5) % 12]
         tops = test.loc[u, "top"].split()
         assert len(tops) == 10 and set(tops) <= set(items)
+
+
+def test_matryoshka_runs_write_per_user_ranks_for_every_size(small_tables, tmp_path):
+    """Each size's per-user file gives back that size's metrics (the paired tests per
+    Matryoshka size read them: pipeline.experiments.per_user_files)."""
+    from pipeline.significance import per_user_metric
+    cfg = TrainConfig(name="m", tables_dir=small_tables, out_dir=tmp_path, seq_model="lru",
+                      sizes=(4, 8, 16), hidden=16, max_epochs=2, max_len=8, batch_size=32)
+    train(cfg)
+    m = evaluate_checkpoint(tmp_path / "m")
+    files = {4: "per_user-all-rankable-d4.csv", 8: "per_user-all-rankable-d8.csv",
+             16: "per_user-all-rankable.csv"}
+    assert not (tmp_path / "m" / "per_user-all-rankable-d16.csv").exists()
+    ranks = set()
+    for size, name in files.items():
+        for split in ("valid", "test"):
+            want = m["by_size"][str(size)][split]["all"]
+            for metric in ("NDCG@10", "HR@10"):
+                got = per_user_metric(tmp_path / "m" / name, split, metric)
+                assert len(got) == want["n_users"]
+                assert sum(got.values()) / len(got) == pytest.approx(want[metric], abs=1e-9)
+        ranks.add(tuple(pd.read_csv(tmp_path / "m" / name)["rank"]))
+    assert len(ranks) == 3   # three different rankings, not one file copied
