@@ -244,9 +244,35 @@ def run_cell(exp: ExperimentConfig, cell: Cell, seed: int) -> dict[str, Any]:
         log.info("training %s: %s", cfg.name, decision.reason)
         summary = train(cfg)
         record_inputs(run_dir, current)
+        record_timing(run_dir, exp)
         metrics = evaluate_checkpoint(run_dir, device=cfg.device)
     return {"cell": cell.id, "label": cell.label, "seed": seed, "reused": reused,
-            "summary": summary, "metrics": metrics}
+            "summary": summary, "metrics": metrics, "alone": trained_alone(run_dir)}
+
+
+TIMING_FILE = "timing.json"
+
+
+def record_timing(run_dir: Path, exp: ExperimentConfig) -> None:
+    """Write ``timing.json`` next to a freshly trained run: whether its grid invocation ran
+    several runs at once (``runs_in_parallel``), torch's thread count and the 1-minute load
+    average at the end of training (``os.getloadavg``; informative: other processes on the
+    machine are not detected)."""
+    import os
+
+    import torch
+    (Path(run_dir) / TIMING_FILE).write_text(json.dumps({
+        "runs_in_parallel": exp.runs_in_parallel, "threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2)}, indent=2))
+
+
+def trained_alone(run_dir: Path) -> bool:
+    """Whether the run's ``timing.json`` says it trained with no other run of its grid beside
+    it; False when the file is missing (a run trained before it existed: unknown)."""
+    try:
+        return not json.loads((Path(run_dir) / TIMING_FILE).read_text())["runs_in_parallel"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def run_cell_by_id(exp: ExperimentConfig, cell_id: str, seed: int,
@@ -272,7 +298,7 @@ def run_cell_by_id(exp: ExperimentConfig, cell_id: str, seed: int,
 
 RUN_COLUMNS = ["cell", "label", "seed", "size", "split", "subset", "metric", "value", "n_users",
                "exclude", "best_epoch", "epochs_run", "capped", "seconds", "seconds_per_epoch",
-               "params"]
+               "alone", "params"]
 
 
 def capped(summary: dict[str, Any], exp: ExperimentConfig) -> bool:
@@ -286,9 +312,11 @@ def capped(summary: dict[str, Any], exp: ExperimentConfig) -> bool:
 def run_rows(result: dict[str, Any], exp: ExperimentConfig | None = None
              ) -> list[dict[str, Any]]:
     """Long-format rows of one run: every size x split x subset x metric (``capped``: 1 if
-    the run stopped at ``exp``'s epoch cap, see :func:`capped`; 0 without ``exp``)."""
+    the run stopped at ``exp``'s epoch cap, see :func:`capped`; 0 without ``exp``; ``alone``:
+    1 if it trained with no other run beside it, see :func:`trained_alone`)."""
     s, m = result["summary"], result["metrics"]
     cap = int(exp is not None and capped(s, exp))
+    alone = int(bool(result.get("alone", False)))
     rows = []
     for size, per_split in m["by_size"].items():
         for split, subsets in per_split.items():
@@ -303,7 +331,7 @@ def run_rows(result: dict[str, Any], exp: ExperimentConfig | None = None
                                  "best_epoch": s["best_epoch"], "epochs_run": s["epochs_run"],
                                  "capped": cap, "seconds": s["seconds"],
                                  "seconds_per_epoch": s["seconds_per_epoch"],
-                                 "params": s.get("params_effective", s["params"])})
+                                 "alone": alone, "params": s.get("params_effective", s["params"])})
     return rows
 
 
@@ -331,6 +359,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "n_users": rs[0]["n_users"], "exclude": rs[0]["exclude"],
                     "seconds": sec, "seconds_per_epoch": spe, "best_epoch": ep,
                     "capped": sum(int(r.get("capped", 0)) for r in rs),
+                    "alone": all(int(r.get("alone", 0)) for r in rs),
                     "params": rs[0]["params"]})
     return out
 
@@ -350,7 +379,7 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
     all_n = next((s["n_users"] for s in summary if s["split"] == "test"
                   and s["subset"] == "all"), None)
     def spe(a: dict[str, Any]) -> str:  # time per epoch: only from one run at a time
-        return "-" if exp.runs_in_parallel else f"{a['seconds_per_epoch']:.2f}"
+        return f"{a['seconds_per_epoch']:.2f}" if a.get("alone") else "-"
 
     for g in grids:
         sub = exp.model_copy(update={"grid": g})
@@ -389,8 +418,8 @@ def markdown_tables(summary: list[dict[str, Any]], grid: str, exp: ExperimentCon
                  f"batch {exp.batch_size}, lr {exp.lr}; \"at cap: "
                  f"k/n\": k of n seeds stopped at the epoch cap with their best epoch within "
                  f"the patience window (early stopping did not decide; raise --max-epochs)."
-                 + (" s/epoch: not reported, the runs shared the machine (--workers 1 "
-                    "measures it)." if exp.runs_in_parallel else ""))
+                 + " s/epoch: only for cells whose every run trained with no other run of "
+                   "its grid beside it (`timing.json`; --workers 1 measures it), else -.")
     return "\n".join(lines)
 
 

@@ -236,3 +236,9 @@ def test_experiment_runs_are_task_runs_in_worker_processes(small_tables, stores,
     assert times["run-lru-id-lora-s1"][0] >= times["run-lru-id-short-s1"][1]
     table = [a for a in arts if a.type == "table" and a.key == "experiments-smoke-table"]
     assert table and "NDCG@10" in str(table[0].data)
+    # the runs shared the machine: each says so in timing.json, and no s/epoch is reported
+    assert json.loads((out / "runs" / "sasrec-id-s1" / "timing.json").read_text()
+                      )["runs_in_parallel"] is True
+    rows = [line for line in (out / "results.md").read_text().splitlines()
+            if line.startswith("| SASRec, item ID |")]
+    assert rows and all(line.split(" | ")[-2] == "-" for line in rows)

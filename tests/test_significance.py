@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -150,29 +151,42 @@ def test_runs_at_the_epoch_cap_are_flagged(tmp_path):
     assert not capped({"epochs_run": 12, "best_epoch": 12}, exp)  # stopped otherwise
 
 
-def _result(cell: str, seed: int, epochs_run: int, best_epoch: int) -> dict:
+def _result(cell: str, seed: int, epochs_run: int, best_epoch: int, alone: bool) -> dict:
     metrics = {"NDCG@10": 0.05 + 0.01 * seed, "HR@10": 0.1, "n_users": 5}
-    return {"cell": cell, "label": cell, "seed": seed,
+    return {"cell": cell, "label": cell, "seed": seed, "alone": alone,
             "summary": {"best_epoch": best_epoch, "epochs_run": epochs_run, "seconds": 10.0,
                         "seconds_per_epoch": 2.5, "params": 100},
             "metrics": {"exclude": "all", "by_size": {"64": {"test": {"all": metrics}}}}}
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_tables_flag_capped_seeds_and_drop_shared_timings(tmp_path, parallel):
+def test_tables_flag_capped_seeds_and_drop_shared_timings(tmp_path):
+    """s/epoch is shown only for a cell whose every run trained alone (whatever this
+    invocation's workers: reused runs keep how they were trained)."""
     from pipeline.experiments import ExperimentConfig, markdown_tables, run_rows, summarize
     exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path, max_epochs=20,
-                           patience=5, runs_in_parallel=parallel)
-    results = [_result("sasrec-id", 1, 20, 19), _result("sasrec-id", 2, 14, 9),
-               _result("gru4rec-id", 1, 12, 7), _result("gru4rec-id", 2, 15, 10)]
+                           patience=5)
+    results = [_result("sasrec-id", 1, 20, 19, True), _result("sasrec-id", 2, 14, 9, False),
+               _result("gru4rec-id", 1, 12, 7, True), _result("gru4rec-id", 2, 15, 10, True)]
     md = markdown_tables(summarize([r for res in results for r in run_rows(res, exp)]), "seq",
                          exp)
     row = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
     assert "| 14.0 (at cap: 1/2) |" in row["SASRec, item ID"]
     assert "at cap" not in row["GRU4Rec, item ID"]
-    assert ("| - | 100 |" in row["GRU4Rec, item ID"]) == parallel
-    assert ("| 2.50 | 100 |" in row["GRU4Rec, item ID"]) == (not parallel)
-    assert ("s/epoch: not reported" in md) == parallel
+    assert "| 14.0 (at cap: 1/2) | - | 100 |" in row["SASRec, item ID"]   # one seed shared
+    assert "| 2.50 | 100 |" in row["GRU4Rec, item ID"]
+    assert "s/epoch: only for cells whose every run trained with no other run" in md
+
+
+def test_timing_record_says_whether_a_run_trained_alone(tmp_path):
+    from pipeline.experiments import ExperimentConfig, record_timing, trained_alone
+    exp = ExperimentConfig(grid="seq", tables_dir=tmp_path, out_dir=tmp_path)
+    assert not trained_alone(tmp_path)   # no timing.json (an older run): unknown, not alone
+    record_timing(tmp_path, exp)
+    assert trained_alone(tmp_path)
+    record_timing(tmp_path, exp.model_copy(update={"runs_in_parallel": True}))
+    assert not trained_alone(tmp_path)
+    rec = json.loads((tmp_path / "timing.json").read_text())
+    assert rec["runs_in_parallel"] is True and rec["threads"] >= 1 and rec["loadavg_1min"] >= 0
 
 
 def test_baseline_cells_train_as_their_models_are_meant_to(tmp_path):
