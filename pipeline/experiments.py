@@ -52,7 +52,7 @@ from pipeline.train import TrainConfig, evaluate_checkpoint, popularity, train
 from pipeline.reuse import finished_run, record_inputs, run_inputs, same_config
 from pipeline.significance import COMPARISONS, PairedTest, run_comparisons
 from pipeline.significance import markdown as significance_markdown
-from pipeline.train_runs import metrics_file
+from pipeline.train_runs import per_user_file
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,17 @@ class ExperimentConfig(BaseModel):
             of the Fusion-Q-Former's token cells (required only by grids with them).
         seeds: one run per seed and cell. max_epochs, patience, min_epochs, batch_size, lr:
             shared training budget (every cell gets the same; early stopping never stops
-            before ``min_epochs``, as slow, noisy climbs such as IISAN's on both towers ended
-            by patience alone at epoch 24 with seeds 1-2 still climbing to epoch 35-45). mrl_sizes: Matryoshka sizes of the
-            ``mrl`` grid (the independent LRURecs use the same sizes). short_len: window of
-            the LoRA base run (the LoRA run uses ``train.max_len``).
+            before ``min_epochs``: patience alone ended IISAN's slow, noisy climb on both
+            towers at epoch 24 for one seed, while the others climbed to epochs 34-45).
+            mrl_sizes: Matryoshka sizes of the ``mrl`` grid (the independent LRURecs use the
+            same sizes). short_len: window of the LoRA base run (the LoRA run uses
+            ``train.max_len``).
         train: further TrainConfig fields applied to every cell before the cell's own
             overrides (e.g. ``{"adapter_dim": 8}`` for a tiny test run).
         eval: evaluation settings (history-exclusion rule reported with every number).
-        runs_in_parallel: the runs share the machine (several workers): time per epoch is
-            then not reported (issue 11: measured with one run at a time, or dropped).
+        runs_in_parallel: the runs share the machine (several workers), recorded in each
+            fresh run's ``timing.json``: a table reports time per epoch only for cells whose
+            every run trained alone (issue 11: measured one run at a time, or dropped).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -533,16 +535,15 @@ def per_user_files(results: list[dict[str, Any]], exp: ExperimentConfig
     out: dict[str, dict[int, Path]] = {}
     for r in results:
         m = r["metrics"]
-        label = metrics_file(m["exclude"], m.get("repeat_target", exp.eval.repeat_target)
-                             )[len("metrics-"):-len(".json")]
+        rules = (m["exclude"], m.get("repeat_target", exp.eval.repeat_target))
         run = exp.out_dir / "runs" / f"{r['cell']}-s{r['seed']}"
-        f = run / f"per_user-{label}.csv"
+        f = run / per_user_file(*rules)
         if f.is_file():
             out.setdefault(r["cell"], {})[int(r["seed"])] = f
         sizes = [int(x) for x in m.get("sizes", [])]
         if len(sizes) > 1 and f.is_file():
             for size in sizes:
-                g = f if size == sizes[-1] else run / f"per_user-{label}-d{size}.csv"
+                g = f if size == sizes[-1] else run / per_user_file(*rules, size)
                 if g.is_file():
                     out.setdefault(f"{r['cell']}@{size}", {})[int(r["seed"])] = g
     return out

@@ -53,8 +53,8 @@ from models.vbpr import VBPR
 from pipeline.errors import ConfigError
 from pipeline.evaluate import EvalConfig, evaluate, popularity_score_fn
 from pipeline.metrics import metrics_from_ranks, repeat_targets
-from pipeline.train_runs import (GracefulStop, HistoryLog, metrics_file, valid_sample,
-                                 write_id_map, write_per_user)
+from pipeline.train_runs import (GracefulStop, HistoryLog, metrics_file, per_user_file,
+                                 valid_sample, write_id_map, write_per_user)
 from pipeline.split import SequenceSplit, build_split
 from pipeline.cached_inputs import load_stores, row_widths, token_masks
 from stores.hidden_states import dump_json
@@ -541,9 +541,9 @@ def evaluate_checkpoint(run_dir: Path, eval_cfg: EvalConfig | None = None,
     sizes = cfg.all_sizes if cfg.seq_model != "vbpr" else (2 * cfg.vbpr_factors,)
     by_size: dict[str, dict[str, Any]] = {str(s): {} for s in sizes}
     item_keys, user_keys = key_maps(read_tables(cfg.tables_dir))
-    label = metrics_file(ecfg.exclude, ecfg.repeat_target)[len("metrics-"):-len(".json")]
-    per_user = Path(run_dir) / f"per_user-{label}.csv"
-    per_size = {sz: Path(run_dir) / f"per_user-{label}-d{sz}.csv" for sz in sizes[:-1]}
+    per_user = Path(run_dir) / per_user_file(ecfg.exclude, ecfg.repeat_target)
+    per_size = {sz: Path(run_dir) / per_user_file(ecfg.exclude, ecfg.repeat_target, sz)
+                for sz in sizes[:-1]}
     for f in (per_user, *per_size.values()):
         f.unlink(missing_ok=True)
     repeats: dict[str, int] = {}

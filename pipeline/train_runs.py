@@ -35,7 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["cached_item_table", "GracefulStop", "HistoryLog", "valid_sample", "metrics_file", "rule_label",
-           "write_id_map", "write_per_user", "top_items"]
+           "per_user_file", "write_id_map", "write_per_user", "top_items"]
 
 
 class _CachedTable(torch.nn.Module):
@@ -152,6 +152,13 @@ def rule_label(exclude: str, repeat_target: str) -> str:
 def metrics_file(exclude: str, repeat_target: str) -> str:
     """File name of an evaluation's metrics under the given rules."""
     return f"metrics-{rule_label(exclude, repeat_target)}.json"
+
+
+def per_user_file(exclude: str, repeat_target: str, size: int | None = None) -> str:
+    """File name of an evaluation's per-user ranks under the given rules: the largest
+    Matryoshka size (``size`` None) or, with ``size``, one of the smaller sizes."""
+    suffix = "" if size is None else f"-d{size}"
+    return f"per_user-{rule_label(exclude, repeat_target)}{suffix}.csv"
 
 
 def write_id_map(run_dir: Path, item_ids: np.ndarray, item_keys: dict[int, str],
