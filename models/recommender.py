@@ -23,6 +23,7 @@ Errors: :class:`mmcache.errors.ConfigError`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -195,7 +196,10 @@ class SequentialRecommender(nn.Module):
     def _encode(self, seqs: Tensor, table: Tensor) -> Tensor:
         if seqs.dim() != 2:
             raise ConfigError(f"seqs must be (B, L) item ids, got shape {tuple(seqs.shape)}")
-        return self.seq_model(table[seqs], seqs == 0)  # (B, L, D)
+        # F.embedding, not table[seqs]: on the CPU the backward of advanced indexing
+        # (index_put_ accumulate) adds repeated ids' gradients in thread order, so two
+        # runs of one seed drift apart; embedding's backward is deterministic
+        return self.seq_model(F.embedding(seqs, table), seqs == 0)  # (B, L, D)
 
     def forward(self, seqs: Tensor) -> Tensor:
         """seqs: (B, L) long, left-padded with 0 -> hidden states (B, L, D)."""
@@ -255,9 +259,10 @@ class SequentialRecommender(nn.Module):
         h, pos = h_all[valid], targets[valid]  # (M, D), (M,)
         neg = sample_negatives(pos, table.shape[0] - 1, num_negatives, generator)  # (M, J)
         cand = torch.cat([pos[:, None], neg], dim=1)  # (M, 1 + J)
+        e = F.embedding(cand, table)  # (M, 1 + J, D); deterministic backward (see _encode)
         terms = []
         for s in self.sizes:  # M x (1 + J) scores per size: the products are cheap
-            y = torch.einsum("md,mjd->mj", h[:, :s], table[cand, :s])  # (M, 1 + J)
+            y = torch.einsum("md,mjd->mj", h[:, :s], e[..., :s])  # (M, 1 + J)
             terms.append(bpr_loss(y[:, 0], y[:, 1:]))
         return torch.stack(terms).mean()
 
