@@ -5,6 +5,7 @@
 * :func:`check_sequence_inputs` - the shape contract of every sequence encoder's
   ``forward(x (B, L, D), pad_mask (B, L))``.
 * :func:`init_normal_` - N(0, std^2) weights and zero biases (SASRec / BERT-style init).
+* :func:`lookup` - rows of an item table, with a deterministic backward.
 * :class:`SequenceEncoder` - base class giving ``hidden`` (D) and ``sizes`` (Matryoshka
   widths, default ``(D,)``) from ``cfg``.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcache.errors import ConfigError
@@ -56,6 +58,20 @@ def check_sequence_inputs(model: str, x: Tensor, pad_mask: Tensor, hidden: int,
         length = "L" if max_len is None else f"L<={max_len}"
         raise ConfigError(f"{model} expects x (B, {length}, {hidden}) and pad_mask (B, L); "
                           f"got {tuple(x.shape)} and {tuple(pad_mask.shape)}")
+
+
+def lookup(table: Tensor, ids: Tensor) -> Tensor:
+    """Rows ``table[ids]`` of an item table: table (N + 1, D), ids (...) long -> (..., D).
+
+    Equal to ``table[ids]`` forward, but through ``torch.nn.functional.embedding``, whose
+    backward adds the gradients of repeated ids in a fixed order. On the CPU the backward of
+    advanced indexing (``index_put_`` with accumulate) adds them in thread order, so two
+    trainings of one seed drifted apart (README "Demo results"). Every lookup of a table
+    that receives gradients goes through here.
+
+    Raises: IndexError (torch) for an id outside 0..N.
+    """
+    return F.embedding(ids, table)
 
 
 def init_normal_(module: nn.Module, std: float) -> None:

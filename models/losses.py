@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mmcache.errors import ConfigError
 
+from .common import lookup
 from .matryoshka import nested_scores
 
 MASK_VALUE = -1e4
@@ -107,9 +108,7 @@ def debiased_in_batch_ce(h: Tensor, targets: Tensor, window: Tensor, table: Tens
     member.scatter_(1, window, True)
     masked = member[:, cand][rb] | (cand == 0)[None]  # (M, C): own items and padding
     masked[torch.arange(len(rb), device=h.device), label] = False
-    # F.embedding: a deterministic backward for the repeated candidates (table[cand]'s
-    # index_put_ accumulate adds them in thread order on the CPU)
-    hu, e, lp = h[rb, rt], F.embedding(cand, table), log_pop[cand]  # (M, D), (C, D), (C,)
+    hu, e, lp = h[rb, rt], lookup(table, cand), log_pop[cand]  # (M, D), (C, D), (C,)
     scores = (nested_scores(hu, e, sizes) if sizes is not None and len(tuple(sizes)) > 1
               else [hu[:, :sizes[0]] @ e[:, :sizes[0]].T if sizes else hu @ e.T])  # (M, C) each
     return torch.stack([F.cross_entropy((y - lp).float().masked_fill(masked, MASK_VALUE), label)

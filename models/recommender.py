@@ -23,12 +23,12 @@ Errors: :class:`mmcache.errors.ConfigError`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmcache.errors import ConfigError
 
+from .common import lookup
 from .losses import bpr_loss, debiased_in_batch_ce, matryoshka_ce, sample_negatives
 from .matryoshka import nested_scores, size_index
 from .san import IISANItemEncoder
@@ -196,10 +196,7 @@ class SequentialRecommender(nn.Module):
     def _encode(self, seqs: Tensor, table: Tensor) -> Tensor:
         if seqs.dim() != 2:
             raise ConfigError(f"seqs must be (B, L) item ids, got shape {tuple(seqs.shape)}")
-        # F.embedding, not table[seqs]: on the CPU the backward of advanced indexing
-        # (index_put_ accumulate) adds repeated ids' gradients in thread order, so two
-        # runs of one seed drift apart; embedding's backward is deterministic
-        return self.seq_model(F.embedding(seqs, table), seqs == 0)  # (B, L, D)
+        return self.seq_model(lookup(table, seqs), seqs == 0)  # (B, L, D)
 
     def forward(self, seqs: Tensor) -> Tensor:
         """seqs: (B, L) long, left-padded with 0 -> hidden states (B, L, D)."""
@@ -259,7 +256,7 @@ class SequentialRecommender(nn.Module):
         h, pos = h_all[valid], targets[valid]  # (M, D), (M,)
         neg = sample_negatives(pos, table.shape[0] - 1, num_negatives, generator)  # (M, J)
         cand = torch.cat([pos[:, None], neg], dim=1)  # (M, 1 + J)
-        e = F.embedding(cand, table)  # (M, 1 + J, D); deterministic backward (see _encode)
+        e = lookup(table, cand)  # (M, 1 + J, D)
         terms = []
         for s in self.sizes:  # M x (1 + J) scores per size: the products are cheap
             y = torch.einsum("md,mjd->mj", h[:, :s], e[..., :s])  # (M, 1 + J)

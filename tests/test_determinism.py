@@ -129,24 +129,25 @@ def two_threads():
 
 
 def test_item_lookup_backward_is_deterministic_and_equals_a_slow_reference(two_threads):
-    """``F.embedding`` (the item table lookups) adds repeated ids' gradients in a fixed order:
-    bitwise-equal gradients on every repeat, equal to a float64 loop over the positions.
+    """``models.common.lookup`` (every item table lookup) adds repeated ids' gradients in a
+    fixed order: bitwise-equal gradients on every repeat, equal to a float64 reference.
     (On the CPU ``table[ids]``'s backward, ``index_put_`` with accumulate, adds them in
     thread order: two IISAN runs of one seed drifted apart by epoch 2.)"""
+    from models.common import lookup
     g = torch.Generator().manual_seed(0)
     table = torch.randn(300, 32, generator=g, requires_grad=True)  # (N + 1, D)
     ids = torch.randint(0, 300, (64, 50), generator=g)  # (B, L), many repeats
     up = torch.randn(64, 50, 32, generator=g)  # (B, L, D) upstream gradient
+    out = lookup(table, ids)  # (B, L, D)
+    assert torch.equal(out, table[ids])
     grads = []
     for _ in range(6):
         table.grad = None
-        F.embedding(ids, table).backward(up)
+        lookup(table, ids).backward(up)
         grads.append(table.grad.clone())
     assert all(torch.equal(grads[0], x) for x in grads[1:])
-    ref = torch.zeros(300, 32, dtype=torch.float64)
-    for (b, t), i in zip(torch.cartesian_prod(torch.arange(64), torch.arange(50)).tolist(),
-                         ids.flatten().tolist()):
-        ref[i] += up[b, t].double()
+    ref = torch.zeros(300, 32, dtype=torch.float64).index_add_(
+        0, ids.flatten(), up.reshape(-1, 32).double())  # (N + 1, D), sum per id
     torch.testing.assert_close(grads[0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
